@@ -1,0 +1,208 @@
+"""BLIP-2: image -> ViT-g -> Q-Former -> projection -> language model (transformers' ``Blip2*`` classes).
+
+Two checkpoint generations exist. Current Hub checkpoints set ``image_token_index``: the prompt holds
+``num_query_tokens`` ``<image>`` tokens whose embeddings are replaced by the projected query outputs. Older ones do
+not: the projected queries are prepended to the prompt embeddings, and the logits cover the whole sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import Blip2Config
+from .loading import CheckpointError, load_safetensors, resolve_checkpoint
+from .opt import OPTForCausalLM
+from .qformer import BaseModelOutputWithPoolingAndCrossAttentions, Blip2QFormerModel
+from .vision import BaseModelOutputWithPooling, Blip2VisionModel
+
+LANGUAGE_MODELS = {"opt": OPTForCausalLM}
+# transformers keeps these in float32 whatever the model's dtype (``_keep_in_fp32_modules``).
+FP32_PREFIXES = ("qformer.", "query_tokens")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: mx.array
+
+
+@dataclass
+class Blip2ForConditionalGenerationModelOutput:
+    logits: mx.array
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    language_model_outputs: Any = None
+
+
+def as_array(x, name: str, ndim: int, dtype=None) -> mx.array:
+    """numpy, mx, lists or torch tensors -> mx.array of the expected rank."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # a torch tensor from a transformers processor
+        x = x.detach().cpu().numpy()
+    x = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x if dtype is None else x.astype(dtype)
+
+
+def check_pixel_values(pixel_values, num_channels: int) -> mx.array:
+    pixel_values = as_array(pixel_values, "pixel_values", 4)
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must be (batch, {num_channels}, height, width) as the processor returns them, "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+    return pixel_values
+
+
+class Blip2Model(nn.Module):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = mx.zeros((1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
+
+    # --- the image path -------------------------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False) -> BaseModelOutputWithPooling:
+        pixel_values = check_pixel_values(pixel_values, self.config.vision_config.num_channels)
+        return self.vision_model(pixel_values, interpolate_pos_encoding)
+
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False):
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
+        return self._qformer(image_embeds)
+
+    def _qformer(self, image_embeds: mx.array) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        queries = mx.broadcast_to(self.query_tokens, (image_embeds.shape[0], *self.query_tokens.shape[1:]))
+        return self.qformer(queries, encoder_hidden_states=image_embeds)
+
+    def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> mx.array:
+        """Projected query outputs, the language model's view of each image: (B, num_query_tokens, hidden)."""
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
+        query_output = self._qformer(image_embeds).last_hidden_state.astype(image_embeds.dtype)
+        return self.language_projection(query_output)
+
+    # --- joining image and text ----------------------------------------------------------------------------------
+
+    def default_input_ids(self, batch_size: int) -> mx.array:
+        """The prompt transformers generates from when none is given: (image tokens,) BOS."""
+        ids = [self.config.text_config.bos_token_id]
+        if self.config.image_token_index is not None:
+            ids = [self.config.image_token_index] * self.config.num_query_tokens + ids
+        return mx.broadcast_to(mx.array([ids]), (batch_size, len(ids)))
+
+    def merge_image_features(self, image_features: mx.array, input_ids, attention_mask=None):
+        """Language-model input embeddings and attention mask for a prompt and its images' features."""
+        B, Q, _ = image_features.shape
+        input_ids = self.default_input_ids(B) if input_ids is None else as_array(input_ids, "input_ids", 2, mx.int32)
+        if input_ids.shape[0] != B:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but there are {B} images")
+        if attention_mask is None:
+            attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
+        attention_mask = as_array(attention_mask, "attention_mask", 2, mx.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids {input_ids.shape}")
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        image_features = image_features.astype(embeds.dtype)
+        if self.config.image_token_index is None:
+            embeds = mx.concatenate([image_features, embeds], axis=1)
+            attention_mask = mx.concatenate([mx.ones((B, Q), dtype=mx.int32), attention_mask], axis=1)
+            return embeds, attention_mask
+        is_image = input_ids == self.config.image_token_index
+        counts = is_image.sum(axis=1).tolist()
+        if any(c != Q for c in counts):
+            raise ValueError(
+                f"each prompt must hold {Q} <image> tokens (id {self.config.image_token_index}), found {counts}; "
+                "build input_ids with Blip2Processor and images"
+            )
+        # The k-th <image> token of a row takes the k-th query output of that row's image.
+        slot = mx.maximum(mx.cumsum(is_image.astype(mx.int32), axis=1) - 1, 0)
+        gathered = mx.take_along_axis(image_features, slot[..., None], axis=1)
+        return mx.where(is_image[..., None], gathered, embeds), attention_mask
+
+    # --- forward passes ------------------------------------------------------------------------------------------
+
+    def get_text_features(self, input_ids, attention_mask=None) -> CausalLMOutput:
+        input_ids = as_array(input_ids, "input_ids", 2, mx.int32)
+        mask = None if attention_mask is None else as_array(attention_mask, "attention_mask", 2, mx.int32)
+        return CausalLMOutput(logits=self.language_model(input_ids=input_ids, attention_mask=mask))
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None, interpolate_pos_encoding: bool = False):
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        image_embeds = vision_outputs.last_hidden_state
+        qformer_outputs = self._qformer(image_embeds)
+        image_features = self.language_projection(qformer_outputs.last_hidden_state.astype(image_embeds.dtype))
+        embeds, mask = self.merge_image_features(image_features, input_ids, attention_mask)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
+        return Blip2ForConditionalGenerationModelOutput(
+            logits=logits,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+            language_model_outputs=CausalLMOutput(logits),
+        )
+
+    # --- weights -------------------------------------------------------------------------------------------------
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = Blip2VisionModel.sanitize(weights)
+        lm = {k[len("language_model."):]: v for k, v in weights.items() if k.startswith("language_model.")}
+        rest = {k: v for k, v in weights.items() if not k.startswith("language_model.")}
+        rest.update({f"language_model.{k}": v for k, v in self.language_model.sanitize(lm).items()})
+        return rest
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype: mx.Dtype | None = None):
+        """Load a Hub checkpoint or a converted one, from a local directory or a Hub repo id.
+
+        ``dtype`` defaults to float32 on the CPU (its fast path) and float16 on a GPU. The Q-Former and the query
+        tokens stay in float32, as in transformers.
+        """
+        directory = resolve_checkpoint(path_or_repo_id)
+        config = Blip2Config.from_file(directory / "config.json")
+        model = cls(config)
+        weights = model.sanitize(load_safetensors(directory))
+        if config.quantization:
+            q = config.quantization
+            nn.quantize(
+                model,
+                group_size=q["group_size"],
+                bits=q["bits"],
+                mode=q.get("mode", "affine"),
+                class_predicate=lambda path, module: f"{path}.scales" in weights,
+            )
+        if dtype is None:
+            dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
+        for k, v in weights.items():
+            if mx.issubdtype(v.dtype, mx.floating):
+                weights[k] = v.astype(mx.float32 if k.startswith(FP32_PREFIXES) else dtype)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: weights do not match the configuration: {e}") from None
+        mx.eval(model.parameters())
+        model.eval()
+        model.dtype = dtype
+        model.checkpoint_dir = directory
+        return model
+
+
+class Blip2ForConditionalGeneration(Blip2Model):
+    """BLIP-2 for captioning and visual question answering."""
+
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, **kwargs) -> mx.array:
+        """New token ids only, shape (B, T); rows that ended early are padded with the pad id.
+
+        See :func:`mlx_blip2.generate.generate` for the options.
+        """
+        from .generate import generate
+
+        return generate(self, pixel_values, input_ids, attention_mask, **kwargs)
