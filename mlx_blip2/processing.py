@@ -48,6 +48,8 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 def _pil_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         img = Image.fromarray(_to_uint8(np.asarray(img)))
+    elif img.mode == "La":
+        img = img.convert("LA")  # Pillow has no direct La -> RGBA path
     # Transparent pixels become white, as in transformers' convert_to_rgb; plain convert("RGB") would expose
     # whatever colour the transparent pixels happen to hold (often black).
     if any(b in ("A", "a") for b in img.getbands()) or img.info.get("transparency") is not None:
@@ -129,7 +131,8 @@ class Blip2ImageProcessor:
     def __init__(self, do_resize=True, size=None, resample=3, do_rescale=True, rescale_factor=1 / 255,
                  do_normalize=True, image_mean=None, image_std=None, do_convert_rgb=True):
         self.do_resize = do_resize
-        self.size = {"height": size, "width": size} if isinstance(size, int) else dict(size or {"height": 384, "width": 384})
+        size = 384 if size is None else size
+        self.size = {"height": size, "width": size} if isinstance(size, int) else dict(size)
         if set(self.size) != {"height", "width"}:
             raise ValueError(f"size must have 'height' and 'width' keys, got {self.size}")
         self.resample = int(resample)
