@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES, OPT_CHECKPOINTS, REFERENCE, rel_error
+from reference_cases import GENERATION_CASES
 
 from mlx_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Model
 from mlx_blip2.config import ConfigError, OPTConfig
@@ -226,3 +227,14 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         Blip2Config.from_file(path)
     with pytest.raises(ConfigError, match="'gpt9' is not supported"):
         Blip2Config.from_dict({"text_config": {"model_type": "gpt9"}})
+
+
+@pytest.mark.parametrize("option_name", sorted(GENERATION_CASES))
+@pytest.mark.parametrize("case", CASES)
+def test_beam_search_and_processors_match_transformers(loaded, case, option_name):
+    _, model, ref = loaded
+    options = dict(max_new_tokens=12, eos_token_id=2, pad_token_id=1)
+    options.update(GENERATION_CASES[option_name])
+    ids = model.generate(ref[f"{case}_pixel_values"], ref[f"{case}_input_ids"], ref[f"{case}_attention_mask"],
+                         **options)
+    np.testing.assert_array_equal(np.array(ids), ref[f"{case}_{option_name}"])
