@@ -426,8 +426,9 @@ def stream_generate(model: Blip2Model, processor, image, prompt: str | None = No
             reason = "stop"
             break
         detokenizer.add_token(token)
-        if detokenizer.last_segment:
-            yield GenerationResponse(detokenizer.last_segment, token)
+        segment = detokenizer.last_segment  # reading it consumes it
+        if segment:
+            yield GenerationResponse(segment, token)
     detokenizer.finalize()
     elapsed = max(time.perf_counter() - tic, 1e-9)
     yield GenerationResponse(detokenizer.last_segment, None, reason, prompt_tokens, prompt_tps, n, n / elapsed,
