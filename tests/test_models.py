@@ -238,3 +238,13 @@ def test_beam_search_and_processors_match_transformers(loaded, case, option_name
     ids = model.generate(ref[f"{case}_pixel_values"], ref[f"{case}_input_ids"], ref[f"{case}_attention_mask"],
                          **options)
     np.testing.assert_array_equal(np.array(ids), ref[f"{case}_{option_name}"])
+
+
+def test_other_resolutions_interpolate_the_position_grid(loaded):
+    _, model, ref = loaded
+    pv = ref["interp_pixel_values"]
+    assert pv.shape[2:] == (84, 70)
+    vision = model.get_image_features(pv, interpolate_pos_encoding=True).last_hidden_state
+    assert rel_error(vision, ref["interp_vision"]) < 1e-4
+    out = model(pv, ref["interp_input_ids"], ref["interp_attention_mask"], interpolate_pos_encoding=True)
+    assert rel_error(out.logits, ref["interp_logits"]) < 1e-4

@@ -53,3 +53,33 @@ def test_live_logits_and_greedy_ids(pair, n):
     assert rel_error(out.logits, expected.numpy()) < 1e-4
     got = ours.generate(pv.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=2, pad_token_id=1)
     np.testing.assert_array_equal(np.array(got), expected_ids.numpy())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("option_name", ["beam3", "beam4_lp", "beam3_eos_early", "penalties", "min_tokens"])
+def test_live_beam_search_and_processors(pair, option_name):
+    from reference_cases import GENERATION_CASES
+
+    legacy, hf, processor, ours = pair
+    enc = processor(images=make_images(), text=PROMPTS, return_tensors="pt", padding=True)
+    pv, ids, mask = enc["pixel_values"], enc["input_ids"], enc["attention_mask"]
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=1)
+    kw.update(GENERATION_CASES[option_name])
+    if legacy:
+        embeds, full_mask = hf_embeds(hf, pv, ids, mask)
+        expected = hf.language_model.generate(inputs_embeds=embeds, attention_mask=full_mask, **kw)
+    else:
+        expected = hf.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    kw.pop("do_sample")
+    got = ours.generate(pv.numpy(), ids.numpy(), mask.numpy(), **kw)
+    np.testing.assert_array_equal(np.array(got), expected.numpy())
+
+
+@torch.no_grad()
+def test_live_interpolated_position_encoding(pair):
+    legacy, hf, processor, ours = pair
+    pv = processor.image_processor(make_images(), size={"height": 98, "width": 126}, return_tensors="pt")
+    pv = pv["pixel_values"]
+    expected = hf.vision_model(pv, interpolate_pos_encoding=True).last_hidden_state
+    got = ours.get_image_features(pv.numpy(), interpolate_pos_encoding=True).last_hidden_state
+    assert rel_error(got, expected.numpy()) < 1e-4
