@@ -8,13 +8,34 @@ import sys
 from . import _blas
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory or Hub repo id "
                    "(default: Salesforce/blip2-opt-2.7b)")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate (default: 30)")
-    p.add_argument("--min-new-tokens", type=int, default=0, help="fewest tokens to generate (default: 0)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute precision (default: float32 on the CPU, float16 on a GPU)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``generate``; unset ones keep the task's recipe (see ``mlx_blip2.pipeline``)."""
+    g = p.add_argument_group("generation (defaults: LAVIS's recipe for the task)")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    g.add_argument("--min-new-tokens", type=int, help="fewest tokens to generate")
+    g.add_argument("--num-beams", type=int, help="beam width (1 = greedy)")
+    g.add_argument("--length-penalty", type=float, help="beam score length exponent")
+    g.add_argument("--temperature", type=float, help="sample with this temperature instead of beam search")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--repetition-penalty", type=float, help="penalise tokens already in the text (>1)")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating n-grams of this size")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "temperature", "top_p",
+                      "top_k", "repetition_penalty", "no_repeat_ngram_size", "seed")
+
+
+def generation_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in GENERATION_OPTIONS if getattr(args, k, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser("caption", help="caption images")
     cap.add_argument("images", nargs="+", help="image files")
     cap.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
-    _add_generation_args(cap)
+    add_model_args(cap)
+    add_generation_args(cap)
 
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", help="image file")
     ask.add_argument("question", help="the question")
-    _add_generation_args(ask)
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy or "
+                     "sampling)")
+    add_model_args(ask)
+    add_generation_args(ask)
 
     sub.add_parser("doctor", help="report the MLX device and which BLAS the CPU backend uses")
+
+    from .photo_index import add_index_parser, add_search_parser
+
+    add_index_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
@@ -42,10 +72,6 @@ def _load(args):
 
     dtype = getattr(mx, args.dtype) if args.dtype else None
     return load(args.model or DEFAULT_MODEL, dtype=dtype)
-
-
-def _generation_kwargs(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens}
 
 
 def cmd_caption(args) -> int:
@@ -61,14 +87,32 @@ def cmd_caption(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        text = pipe.caption(image, prompt=args.prompt, **_generation_kwargs(args))
+        text = pipe.caption(image, prompt=args.prompt, **generation_kwargs(args))
         print(f"{path}: {text}" if len(args.images) > 1 else text, flush=True)
     return 1 if failed else 0
 
 
 def cmd_ask(args) -> int:
     pipe = _load(args)
-    print(pipe.ask(args.image, args.question, **_generation_kwargs(args)))
+    if not args.stream:
+        print(pipe.ask(args.image, args.question, **generation_kwargs(args)))
+        return 0
+    from .generate import stream_generate
+    from .pipeline import VQA_DEFAULTS, VQA_TEMPLATE
+
+    options = {**VQA_DEFAULTS, "num_beams": 1, **generation_kwargs(args)}
+    options.pop("length_penalty", None)
+    if "temperature" in options or "top_p" in options or "top_k" in options:
+        options["do_sample"] = True
+    response = None
+    for response in stream_generate(pipe.model, pipe.processor, args.image, VQA_TEMPLATE.format(args.question),
+                                    eos_token_id=pipe.eos_token_ids(), **options):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print(f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; generation: "
+              f"{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; peak memory: "
+              f"{response.peak_memory:.2f} GB", file=sys.stderr)
     return 0
 
 
@@ -84,7 +128,7 @@ def cmd_doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     _blas.preload()
     args = build_parser().parse_args(argv)
-    handler = {"caption": cmd_caption, "ask": cmd_ask, "doctor": cmd_doctor}[args.command]
+    handler = getattr(args, "func", None) or {"caption": cmd_caption, "ask": cmd_ask, "doctor": cmd_doctor}[args.command]
     try:
         return handler(args)
     except (FileNotFoundError, ValueError) as e:

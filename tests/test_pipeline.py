@@ -10,7 +10,7 @@ from PIL import Image
 from reference_cases import PROMPTS, make_images
 
 from mlx_blip2.cli import main
-from mlx_blip2.pipeline import load
+from mlx_blip2.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS, load
 from mlx_blip2.processing import Blip2Processor
 
 TINY = FIXTURES / "tiny-blip2-opt"
@@ -21,11 +21,11 @@ def pipe():
     return load(TINY)
 
 
-def expected_text(pipe, image, prompt=None, **kw):
+def expected_text(pipe, image, prompt=None, defaults=CAPTION_DEFAULTS, **kw):
     """What model.generate + batch_decode give for one image, the long way."""
     inputs = pipe.processor(images=[image], text=None if prompt is None else [prompt])
-    ids = pipe.model.generate(inputs["pixel_values"], inputs.get("input_ids"), max_new_tokens=30,
-                              eos_token_id=pipe.eos_token_ids(), **kw)
+    ids = pipe.model.generate(inputs["pixel_values"], inputs.get("input_ids"),
+                              eos_token_id=pipe.eos_token_ids(), **{**defaults, **kw})
     return pipe.processor.batch_decode(ids.tolist(), skip_special_tokens=True)[0].strip()
 
 
@@ -49,10 +49,20 @@ def test_caption_accepts_paths_arrays_and_prompts(pipe):
 def test_ask_uses_the_vqa_template(pipe):
     image = make_images()[1]
     answer = pipe.ask(image, "what is in the picture?")
-    assert answer == expected_text(pipe, image, "Question: what is in the picture? Answer:")
+    assert answer == expected_text(pipe, image, "Question: what is in the picture? Answer:", VQA_DEFAULTS)
     answers = pipe.ask(image, ["what is in the picture?", "how many dogs are there?"])
     assert answers[0] == answer and len(answers) == 2
-    assert pipe.ask(image, "what?", template="Q: {} A:") == expected_text(pipe, image, "Q: what? A:")
+    assert answers[1] == expected_text(pipe, image, "Question: how many dogs are there? Answer:", VQA_DEFAULTS)
+    assert pipe.ask(image, "what?", template="Q: {} A:") == expected_text(pipe, image, "Q: what? A:", VQA_DEFAULTS)
+
+
+def test_generation_options_override_the_recipe(pipe):
+    image = make_images()[0]
+    greedy = pipe.caption(image, num_beams=1, max_new_tokens=6)
+    assert greedy == expected_text(pipe, image, num_beams=1, max_new_tokens=6)
+    sampled = pipe.caption(image, temperature=0.8, seed=3, max_new_tokens=6)
+    assert sampled == expected_text(pipe, image, num_beams=1, do_sample=True, temperature=0.8, seed=3,
+                                    max_new_tokens=6)
 
 
 def test_opt_captions_stop_at_newline(pipe):
@@ -66,7 +76,8 @@ def test_legacy_checkpoint_pipeline():
     ref = np.load(REFERENCE / "tiny-blip2-opt-legacy.npz")
     processor = Blip2Processor.from_pretrained(FIXTURES / "tiny-blip2-opt-legacy")
     assert processor.num_query_tokens is None
-    text = pipe.caption(make_images()[0], prompt=PROMPTS[0], max_new_tokens=12, eos_token_id=2)
+    text = pipe.caption(make_images()[0], prompt=PROMPTS[0], max_new_tokens=12, eos_token_id=2, num_beams=1,
+                        min_new_tokens=0)
     assert text == processor.batch_decode(ref["single_greedy"].tolist(), skip_special_tokens=True)[0].strip()
 
 
@@ -96,3 +107,16 @@ def test_cli_entry_point_runs():
     assert "BLAS" in out.stdout and "device" in out.stdout
     out = subprocess.run([sys.executable, "-m", "mlx_blip2", "caption"], capture_output=True, text=True)
     assert out.returncode == 2 and "images" in out.stderr
+
+
+def test_cli_generation_options_and_streaming(capsys):
+    path = REFERENCE / "image2.png"
+    pipe = load(TINY)
+    assert main(["caption", str(path), "-m", str(TINY), "--num-beams", "2", "--max-new-tokens", "7"]) == 0
+    assert capsys.readouterr().out.strip() == pipe.caption(path, num_beams=2, max_new_tokens=7)
+    assert main(["caption", str(path), "-m", str(TINY), "--temperature", "0.9", "--seed", "5"]) == 0
+    assert capsys.readouterr().out.strip() == pipe.caption(path, temperature=0.9, seed=5)
+    assert main(["ask", str(path), "what?", "-m", str(TINY), "--stream", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == pipe.ask(path, "what?", num_beams=1, max_new_tokens=6)
+    assert "tokens/s" in captured.err
