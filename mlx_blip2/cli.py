@@ -42,11 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-blip2", description="BLIP-2 captioning and VQA with MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cap = sub.add_parser("caption", help="caption images")
-    cap.add_argument("images", nargs="+", help="image files")
-    cap.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
-    add_model_args(cap)
-    add_generation_args(cap)
+    from .library import add_caption_parser
+
+    add_caption_parser(sub)  # files, folders, photo libraries: see mlx_blip2/library.py
 
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", help="image file")
@@ -72,24 +70,6 @@ def _load(args):
 
     dtype = getattr(mx, args.dtype) if args.dtype else None
     return load(args.model or DEFAULT_MODEL, dtype=dtype)
-
-
-def cmd_caption(args) -> int:
-    from .processing import load_image
-
-    pipe = _load(args)
-    failed = 0
-    for path in args.images:
-        # One unreadable file must not stop the rest.
-        try:
-            image = load_image(path)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        text = pipe.caption(image, prompt=args.prompt, **generation_kwargs(args))
-        print(f"{path}: {text}" if len(args.images) > 1 else text, flush=True)
-    return 1 if failed else 0
 
 
 def cmd_ask(args) -> int:
@@ -128,7 +108,9 @@ def cmd_doctor(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     _blas.preload()
     args = build_parser().parse_args(argv)
-    handler = getattr(args, "func", None) or {"caption": cmd_caption, "ask": cmd_ask, "doctor": cmd_doctor}[args.command]
+    handler = getattr(args, "func", None)  # subcommands registered with set_defaults(func=...)
+    if handler is None:
+        handler = {"ask": cmd_ask, "doctor": cmd_doctor}[args.command]
     try:
         return handler(args)
     except (FileNotFoundError, ValueError) as e:

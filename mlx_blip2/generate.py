@@ -73,7 +73,8 @@ class EncoderDecoderRunner:
 
     def select(self, rows: mx.array) -> None:
         self.encoder_states, self.encoder_mask = self.encoder_states[rows], self.encoder_mask[rows]
-        self.cache.select(rows)
+        for c in self.cache:
+            c.select(rows)
 
 
 def make_runner(model: Blip2Model, inputs_embeds: mx.array, attention_mask: mx.array):
