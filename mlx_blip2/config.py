@@ -104,9 +104,13 @@ class Blip2Config(_FromDict):
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: missing required key 'text_config' (the language model's configuration)")
         text_type = text.get("model_type", "opt")
+        if text_type == "t5" and "t5" not in TEXT_CONFIGS:
+            from .t5 import T5Config  # t5.py builds on this module
+
+            TEXT_CONFIGS["t5"] = T5Config
         if text_type not in TEXT_CONFIGS:
             raise ConfigError(
-                f"{source}: text_config.model_type={text_type!r} is not supported (supported: {sorted(TEXT_CONFIGS)})"
+                f"{source}: text_config.model_type={text_type!r} is not supported (supported: opt, t5)"
             )
         params["text_config"] = TEXT_CONFIGS[text_type].from_dict(text)
         params["vision_config"] = Blip2VisionConfig.from_dict(params.get("vision_config") or {})

@@ -420,12 +420,17 @@ def stream_generate(model: Blip2Model, processor, image, prompt: str | None = No
 
     detokenizer = TokenizerWrapper(processor.tokenizer).detokenizer
     detokenizer.reset()
+    # Skipped, as batch_decode(skip_special_tokens=True) does (added special tokens such as <image> included).
+    tok = processor.tokenizer
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     tic, n, reason = time.perf_counter(), 0, "length"
     for n, (token,) in enumerate(generate_step(runner, max_new_tokens=max_new_tokens, sampler=sampler,
                                                processors=processors, pad_token_id=0), start=1):
         if token in eos_ids:
             reason = "stop"
             break
+        if token in special:
+            continue
         detokenizer.add_token(token)
         segment = detokenizer.last_segment  # reading it consumes it
         if segment:

@@ -83,3 +83,23 @@ def test_live_interpolated_position_encoding(pair):
     expected = hf.vision_model(pv, interpolate_pos_encoding=True).last_hidden_state
     got = ours.get_image_features(pv.numpy(), interpolate_pos_encoding=True).last_hidden_state
     assert rel_error(got, expected.numpy()) < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2,
+                                                                                 length_penalty=0.5)])
+def test_live_flan_t5(options):
+    name = FIXTURES / "tiny-blip2-flan-t5"
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(name, dtype=torch.float32).eval()
+    processor = transformers.Blip2Processor.from_pretrained(name)
+    ours = Blip2ForConditionalGeneration.from_pretrained(name, dtype=mx.float32)
+    enc = processor(images=make_images(), text=PROMPTS, return_tensors="pt", padding=True)
+    pv, ids, mask = enc["pixel_values"], enc["input_ids"], enc["attention_mask"]
+    decoder_ids = torch.tensor([[0, 5, 9]] * 3)
+    expected = hf(pixel_values=pv, input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    got = ours(pv.numpy(), ids.numpy(), mask.numpy(), decoder_input_ids=decoder_ids.numpy()).logits
+    assert rel_error(got, expected.numpy()) < 1e-4
+    expected_ids = hf.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                               do_sample=False, **options)
+    got_ids = ours.generate(pv.numpy(), ids.numpy(), mask.numpy(), max_new_tokens=8, **options)
+    np.testing.assert_array_equal(np.array(got_ids), expected_ids.numpy()[:, 1:])
