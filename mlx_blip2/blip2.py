@@ -18,10 +18,13 @@ import numpy as np
 from .config import Blip2Config
 from .loading import CheckpointError, load_safetensors, resolve_checkpoint
 from .opt import OPTForCausalLM
+from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
+from .t5 import T5ForConditionalGeneration
 from .qformer import BaseModelOutputWithPoolingAndCrossAttentions, Blip2QFormerModel
+from .quant import quantize_from_config
 from .vision import BaseModelOutputWithPooling, Blip2VisionModel
 
-LANGUAGE_MODELS = {"opt": OPTForCausalLM}
+LANGUAGE_MODELS = {"opt": OPTForCausalLM, "t5": T5ForConditionalGeneration}
 # transformers keeps these in float32 whatever the model's dtype (``_keep_in_fp32_modules``).
 FP32_PREFIXES = ("qformer.", "query_tokens")
 
@@ -131,18 +134,34 @@ class Blip2Model(nn.Module):
 
     # --- forward passes ------------------------------------------------------------------------------------------
 
-    def get_text_features(self, input_ids, attention_mask=None) -> CausalLMOutput:
+    def _language_model(self, decoder_input_ids, decoder_attention_mask, **inputs) -> mx.array:
+        if self.config.use_decoder_only_language_model:
+            return self.language_model(**inputs)
+        return self.language_model(
+            **inputs,
+            decoder_input_ids=as_array(decoder_input_ids, "decoder_input_ids", 2, mx.int32),
+            decoder_attention_mask=as_array(decoder_attention_mask, "decoder_attention_mask", 2, mx.int32),
+        )
+
+    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None,
+                          decoder_attention_mask=None) -> CausalLMOutput:
+        """The language model alone on text (T5 needs ``decoder_input_ids``), as transformers 4.45 returned it."""
         input_ids = as_array(input_ids, "input_ids", 2, mx.int32)
         mask = None if attention_mask is None else as_array(attention_mask, "attention_mask", 2, mx.int32)
-        return CausalLMOutput(logits=self.language_model(input_ids=input_ids, attention_mask=mask))
+        return CausalLMOutput(self._language_model(decoder_input_ids, decoder_attention_mask, input_ids=input_ids,
+                                                   attention_mask=mask))
 
-    def __call__(self, pixel_values, input_ids, attention_mask=None, interpolate_pos_encoding: bool = False):
+    def __call__(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, interpolate_pos_encoding: bool = False):
+        """Logits over the prompt (decoder-only; legacy checkpoints: queries + prompt) or over
+        ``decoder_input_ids`` (T5)."""
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
         image_embeds = vision_outputs.last_hidden_state
         qformer_outputs = self._qformer(image_embeds)
         image_features = self.language_projection(qformer_outputs.last_hidden_state.astype(image_embeds.dtype))
         embeds, mask = self.merge_image_features(image_features, input_ids, attention_mask)
-        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
+        logits = self._language_model(decoder_input_ids, decoder_attention_mask, inputs_embeds=embeds,
+                                      attention_mask=mask)
         return Blip2ForConditionalGenerationModelOutput(
             logits=logits,
             vision_outputs=vision_outputs,
@@ -170,20 +189,16 @@ class Blip2Model(nn.Module):
         config = Blip2Config.from_file(directory / "config.json")
         model = cls(config)
         weights = model.sanitize(load_safetensors(directory))
-        if config.quantization:
-            q = config.quantization
-            nn.quantize(
-                model,
-                group_size=q["group_size"],
-                bits=q["bits"],
-                mode=q.get("mode", "affine"),
-                class_predicate=lambda path, module: f"{path}.scales" in weights,
-            )
+        quantize_from_config(model, config.quantization, weights)
+        is_t5 = config.text_config.model_type == "t5"
         if dtype is None:
-            dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
+            # Flan-T5 overflows in float16 (known in LAVIS and transformers): bfloat16 is its half precision.
+            dtype = mx.float32 if mx.default_device() == mx.cpu else (mx.bfloat16 if is_t5 else mx.float16)
         for k, v in weights.items():
             if mx.issubdtype(v.dtype, mx.floating):
-                weights[k] = v.astype(mx.float32 if k.startswith(FP32_PREFIXES) else dtype)
+                # In float16, transformers also keeps T5's feed-forward output weights in float32.
+                keep32 = k.startswith(FP32_PREFIXES) or (is_t5 and dtype == mx.float16 and k.endswith(T5_FP32_SUFFIXES))
+                weights[k] = v.astype(mx.float32 if keep32 else dtype)
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as e:

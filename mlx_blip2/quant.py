@@ -1,0 +1,68 @@
+"""Rebuilding the quantized layers of a converted checkpoint before its weights load.
+
+A converted ``config.json`` holds a ``quantization`` entry in mlx-lm's format: the defaults, plus per-layer
+overrides keyed by module path::
+
+    "quantization": {
+        "group_size": 64, "bits": 4, "mode": "affine",
+        "language_model.model.decoder.embed_tokens": {"group_size": 64, "bits": 6, "mode": "affine"},
+        "some.layer.kept.in.float": false
+    }
+
+A layer named there is quantized with its own parameters (or kept in float for ``false``). Any other layer is
+quantized when the weights hold its ``scales``, with the group size and bits read off the stored shapes (so
+checkpoints whose entry lists only the defaults load too) and the default mode. Layers without ``scales`` stay
+float. The weights then load strictly, so a configuration that disagrees with the files is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# The keys of the ``quantization`` entry that are defaults rather than layer paths.
+DEFAULT_KEYS = ("group_size", "bits", "mode")
+
+
+def layer_overrides(quantization: dict[str, Any]) -> dict[str, Any]:
+    """The per-layer entries of a ``quantization`` config: ``{path: {"group_size":..,"bits":..} | False}``."""
+    return {k: v for k, v in quantization.items() if k not in DEFAULT_KEYS and isinstance(v, (dict, bool))}
+
+
+def infer_layer_params(path: str, module: nn.Module, weights: dict[str, mx.array], mode: str) -> dict[str, Any]:
+    """Group size and bits a stored layer was packed with, from the shapes of its weight and scales."""
+    in_dims = module.weight.shape[-1]
+    packed, scales = weights[f"{path}.weight"], weights[f"{path}.scales"]
+    return {"group_size": in_dims // scales.shape[-1], "bits": packed.shape[-1] * 32 // in_dims, "mode": mode}
+
+
+def quantize_from_config(model: nn.Module, quantization: dict[str, Any] | None,
+                         weights: dict[str, mx.array]) -> nn.Module:
+    """Swap ``model``'s layers for quantized ones as ``quantization`` (a config's entry) and ``weights`` say.
+
+    ``weights`` are the (sanitized) checkpoint weights the model will load; they are only inspected. Returns the
+    model, updated in place. A ``None`` or empty entry leaves the model as it is.
+    """
+    if not quantization:
+        return model
+    mode = quantization.get("mode", "affine")
+    overrides = layer_overrides(quantization)
+
+    def predicate(path: str, module: nn.Module):
+        if path in overrides:
+            params = overrides[path]
+            return dict(params) if isinstance(params, dict) else bool(params)
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_layer_params(path, module, weights, mode)
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size"),
+        bits=quantization.get("bits"),
+        mode=mode,
+        class_predicate=predicate,
+    )
+    return model
