@@ -248,3 +248,15 @@ def test_other_resolutions_interpolate_the_position_grid(loaded):
     assert rel_error(vision, ref["interp_vision"]) < 1e-4
     out = model(pv, ref["interp_input_ids"], ref["interp_attention_mask"], interpolate_pos_encoding=True)
     assert rel_error(out.logits, ref["interp_logits"]) < 1e-4
+
+
+def test_cpu_gelu_is_exact_gelu():
+    import mlx.nn as nn
+
+    from mlx_blip2.vision import gelu
+
+    x = mx.concatenate([mx.linspace(-12, 12, 100001), mx.random.normal((10000,)) * 3])
+    expected = np.array(nn.gelu(x), dtype=np.float64)
+    got = np.array(gelu(x), dtype=np.float64)
+    assert np.abs(got - expected).max() < 2e-6
+    assert gelu(x.astype(mx.bfloat16)).dtype == mx.bfloat16
