@@ -35,15 +35,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image, features
 
-from .processing import ImageLoadError, load_image
-
-try:  # HEIC/HEIF (iPhone photos) need the optional pillow-heif plugin.
-    from pillow_heif import register_heif_opener
-
-    register_heif_opener()
-    HEIF_SUPPORTED = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HEIF_SUPPORTED = False
+from .processing import HEIF_SUPPORTED, ImageLoadError, load_image
 
 AVIF_SUPPORTED = bool(features.check("avif")) if "avif" in features.modules else False
 

@@ -14,6 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+try:  # HEIC/HEIF (iPhone photos) open through the pillow-heif plugin.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HEIF_SUPPORTED = False
+
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
