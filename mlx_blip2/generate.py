@@ -271,16 +271,18 @@ def _eos_ids(model: Blip2Model, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
-def _check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
-                   num_return_sequences, do_sample):
+def check_options(max_new_tokens: int = 20, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
+                  do_sample: bool = False, **_) -> None:
+    """Raise ValueError for generation options out of range (before any work is done)."""
     checks = [
-        (max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-        (num_beams >= 1, "num_beams must be >= 1"),
-        (temperature >= 0, "temperature must be >= 0"),
-        (0 < top_p <= 1, "top_p must be in (0, 1]"),
-        (top_k >= 0, "top_k must be >= 0"),
-        (0 <= min_p <= 1, "min_p must be in [0, 1]"),
-        (repetition_penalty > 0, "repetition_penalty must be > 0"),
+        (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+        (num_beams >= 1, f"num_beams must be >= 1, got {num_beams}"),
+        (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
+        (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+        (top_k >= 0, f"top_k must be >= 0, got {top_k}"),
+        (0 <= min_p <= 1, f"min_p must be in [0, 1], got {min_p}"),
+        (repetition_penalty > 0, f"repetition_penalty must be > 0, got {repetition_penalty}"),
         (1 <= num_return_sequences <= num_beams, "num_return_sequences must be between 1 and num_beams"),
         (not (do_sample and num_beams > 1), "sampling with beams (beam-sample) is not supported"),
     ]
@@ -345,8 +347,8 @@ def generate(
     (temperature, top-k, top-p, min-p; reproducible with ``seed``) with ``do_sample=True``. ``image_features`` (from
     ``model.encode_images``) may replace ``pixel_values`` so that several prompts on one image encode it once.
     """
-    _check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
-                   num_return_sequences, do_sample)
+    check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
+                  num_return_sequences, do_sample)
     inputs = prepare_inputs(model, pixel_values, input_ids, attention_mask, image_features, interpolate_pos_encoding)
     eos_ids = _eos_ids(model, eos_token_id)
     if pad_token_id is None:

@@ -772,26 +772,11 @@ class Summary:
 
 
 def caption_options(options: dict | None = None) -> dict:
-    """The `generate` options for captioning: the pipeline's recipe (``CAPTION_DEFAULTS``) under `options`, with a
-    sampling option (temperature, top_p...) switching to sampling, as ``Blip2Pipeline.caption`` does. Raises
-    ValueError for invalid values, so that a bad option is a usage error rather than a failure on every image."""
-    import inspect
+    """The `generate` options for captioning, exactly as ``Blip2Pipeline.caption`` resolves them. Raises ValueError
+    for invalid values, so that a bad option is a usage error rather than a failure on every image."""
+    from .pipeline import CAPTION_DEFAULTS, generation_options
 
-    from . import generate as _generate
-    from .pipeline import CAPTION_DEFAULTS
-
-    options = dict(options or {})
-    kwargs = {**CAPTION_DEFAULTS, **options}
-    if any(k in options for k in ("temperature", "top_p", "top_k", "min_p")):
-        kwargs.setdefault("do_sample", True)
-        if kwargs["do_sample"] and "num_beams" not in options:
-            kwargs["num_beams"] = 1  # sampling replaces the beams of the recipe
-    check = getattr(_generate, "_check_options", None)
-    if check is not None:
-        defaults = {k: p.default for k, p in inspect.signature(_generate.generate).parameters.items()}
-        names = inspect.signature(check).parameters
-        check(**{k: kwargs.get(k, defaults.get(k)) for k in names})
-    return kwargs
+    return generation_options(CAPTION_DEFAULTS, dict(options or {}))
 
 
 class BatchCaptioner:

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .library import Progress
+
 SCHEMA_VERSION = 1
 # What Pillow decodes out of the box; anything else in a folder is not an image and is left alone.
 IMAGE_EXTENSIONS = frozenset({
@@ -79,43 +81,6 @@ class PhotoIndexError(ValueError):
 
 
 # --- progress ----------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise (logs, pipes, tests)."""
-
-    def __init__(self, total: int, label: str = "indexing", stream=None, enabled: bool | None = None):
-        self.total, self.label, self.done = total, label, 0
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = (hasattr(self.stream, "isatty") and self.stream.isatty()) if enabled is None else enabled
-        self.start = self.last = time.monotonic()
-        self._draw(force=True)
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        self._draw(force=self.done >= self.total)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < 0.1:
-            return
-        self.last = now
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        rate = self.done / (now - self.start) if now > self.start else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else None
-        eta_s = f"{int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else "--:--"
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                          f"{rate:.1f} img/s ETA {eta_s} ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # --- the store ---------------------------------------------------------------------------------------------------
@@ -460,7 +425,7 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
 
     embedder = (embedder_factory or (lambda m: ImageEmbedder(m, dtype=dtype, batch_size=batch_size)))(model)
     db.bind_model(model, embedder.num_queries, embedder.embed_dim)
-    bar = Progress(len(todo), enabled=progress)
+    bar, done = Progress(len(todo), enabled=progress), 0
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # Decode ahead of the model: the next batch's files are read while this batch is embedded.
@@ -500,7 +465,8 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
                         report.added += 1
             db.write_batch(embedded, bad, gone)
             report.removed += len(gone)
-            bar.update(len(batch))
+            done += len(batch)
+            bar.update(done)
     bar.close()
     return report
 

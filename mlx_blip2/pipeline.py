@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 
 from .blip2 import Blip2ForConditionalGeneration
+from .generate import check_options
 from .loading import resolve_checkpoint
 from .processing import Blip2Processor, load_image
 
@@ -16,6 +17,23 @@ VQA_TEMPLATE = "Question: {} Answer:"
 # LAVIS's recipes (blip2_opt / blip2_t5 `generate` and `predict_answers`).
 CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
+
+
+SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def generation_options(defaults: dict, options: dict) -> dict:
+    """A task's recipe overridden by ``options``; a sampling option switches the recipe's beam search to sampling.
+
+    Raises ValueError for out-of-range values, before any work is done.
+    """
+    kwargs = {**defaults, **options}
+    if any(k in options for k in SAMPLING_OPTIONS):
+        kwargs.setdefault("do_sample", True)
+        if kwargs["do_sample"] and "num_beams" not in options:
+            kwargs["num_beams"] = 1  # sampling replaces the beams of the recipe
+    check_options(**kwargs)
+    return kwargs
 
 
 class Blip2Pipeline:
@@ -44,11 +62,7 @@ class Blip2Pipeline:
         share = len(pil) > 1 and all(im is pil[0] for im in pil)
         inputs = self.processor(images=pil, text=prompts, padding=True)
         kwargs = {"eos_token_id": self.eos_token_ids(), "pad_token_id": self.processor.tokenizer.pad_token_id,
-                  **defaults, **options}
-        if "temperature" in options or "top_p" in options or "top_k" in options or "min_p" in options:
-            kwargs.setdefault("do_sample", True)
-            if kwargs["do_sample"] and "num_beams" not in options:
-                kwargs["num_beams"] = 1  # sampling replaces the beams of the recipe
+                  **generation_options(defaults, options)}
         if share:  # several prompts on one image: run the vision encoder and Q-Former once
             features = self.model.encode_images(inputs["pixel_values"][:1])
             kwargs["image_features"] = mx.repeat(features, len(pil), axis=0)
