@@ -98,9 +98,13 @@ class Blip2Config(_FromDict):
     quantization: Optional[dict] = None
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any], source: str = "config.json") -> "Blip2Config":
+    def from_dict(cls, params: dict[str, Any], source: str = "config.json",
+                  require_text_config: bool = True) -> "Blip2Config":
+        """``require_text_config=False`` for retrieval checkpoints, which have no language model."""
         params = dict(params)
         text = params.get("text_config")
+        if not require_text_config and not isinstance(text, dict):
+            text = {"model_type": "opt"}
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: missing required key 'text_config' (the language model's configuration)")
         text_type = text.get("model_type", "opt")
@@ -122,7 +126,7 @@ class Blip2Config(_FromDict):
         return cls(**{k: v for k, v in params.items() if k in names})
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Blip2Config":
+    def from_file(cls, path: str | Path, require_text_config: bool = True) -> "Blip2Config":
         path = Path(path)
         try:
             params = json.loads(path.read_text())
@@ -132,7 +136,7 @@ class Blip2Config(_FromDict):
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(params, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(params, source=str(path))
+        return cls.from_dict(params, source=str(path), require_text_config=require_text_config)
 
     @property
     def use_decoder_only_language_model(self) -> bool:

@@ -201,7 +201,6 @@ def beam_search(
     finished = np.full((B, num_beams, max_new_tokens), fill, dtype=np.int64)
     finished_scores = np.full((B, num_beams), -1e9, dtype=np.float32)
     finished_len = np.zeros((B, num_beams), dtype=np.int64)
-    running_len = np.zeros((B, num_beams), dtype=np.int64)
     is_sent_finished = np.zeros((B, num_beams), dtype=bool)
     improvable = np.ones((B,), dtype=bool)
     top_mask = np.arange(K) < num_beams
@@ -225,7 +224,6 @@ def beam_search(
         keep = np.argsort(-open_scores, axis=1, kind="stable")[:, :num_beams]
         running = np.take_along_axis(cand, keep[:, :, None], axis=1)
         running_scores = np.take_along_axis(open_scores, keep, axis=1)
-        running_len = np.take_along_axis(cand_len, keep, axis=1)
         source_beam = np.take_along_axis(beam, keep, axis=1)
 
         # Finished hypotheses: only the top num_beams candidates count, scored with the length penalty.

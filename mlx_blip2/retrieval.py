@@ -28,11 +28,10 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from .blip2 import FP32_PREFIXES, as_array, check_pixel_values
-from .config import Blip2Config, Blip2QFormerConfig, ConfigError
-from .loading import CheckpointError, load_safetensors, resolve_checkpoint
+from .blip2 import as_array, check_pixel_values, load_weights
+from .config import Blip2Config, Blip2QFormerConfig
+from .loading import load_safetensors, resolve_checkpoint
 from .qformer import BaseModelOutputWithPoolingAndCrossAttentions, Blip2QFormerModel
 from .vision import BaseModelOutputWithPooling, Blip2VisionModel
 
@@ -69,23 +68,6 @@ class Blip2VisionModelOutput:
 # --- configuration and weights ---------------------------------------------------------------------------------
 
 
-def read_config(directory: Path) -> Blip2Config:
-    """The checkpoint's Blip2Config. Retrieval checkpoints have no language model, so a missing or empty
-    ``text_config`` is allowed here (transformers fills in OPT's defaults just the same)."""
-    path = Path(directory) / "config.json"
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    if not isinstance(params.get("text_config"), dict):
-        params["text_config"] = {"model_type": "opt"}
-    return Blip2Config.from_dict(params, source=str(path))
-
-
 def architectures(directory: Path) -> list[str]:
     """``architectures`` from a checkpoint's config.json; empty when it cannot be read."""
     try:
@@ -110,38 +92,9 @@ def _from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype: mx.Dtype | 
     model, the ViT for the text model) are skipped, as transformers does, and never read from disk.
     """
     directory = resolve_checkpoint(path_or_repo_id)
-    config = read_config(directory)
-    model = cls(config)
-    weights = Blip2VisionModel.sanitize(load_safetensors(directory))
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            mode=q.get("mode", "affine"),
-            class_predicate=lambda path, module: f"{path}.scales" in weights,
-        )
-    wanted = {k for k, _ in tree_flatten(model.parameters())}
-    missing = sorted(wanted - set(weights))
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"{directory}: weights missing for {cls.__name__}: {shown}")
-    weights = {k: v for k, v in weights.items() if k in wanted}
-    if dtype is None:
-        dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
-    for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating):
-            weights[k] = v.astype(mx.float32 if k.startswith(FP32_PREFIXES) else dtype)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"{directory}: weights do not match the configuration: {e}") from None
-    mx.eval(model.parameters())
-    model.eval()
-    model.dtype = dtype
-    model.checkpoint_dir = directory
-    return model
+    model = cls(Blip2Config.from_file(directory / "config.json", require_text_config=False))
+    return load_weights(model, directory, Blip2VisionModel.sanitize(load_safetensors(directory)), dtype,
+                        drop_unused=True)
 
 
 def normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
