@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_parser(sub)
     add_search_parser(sub)
+
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)  # HTTP server: see mlx_blip2/server.py (needs the `server` extra)
     return parser
 
 

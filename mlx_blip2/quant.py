@@ -66,3 +66,8 @@ def quantize_from_config(model: nn.Module, quantization: dict[str, Any] | None,
         class_predicate=predicate,
     )
     return model
+
+
+def compute_dtype(layer: nn.Module):
+    """The floating dtype a (possibly quantized) layer computes in: a quantized weight is uint32, its scales are not."""
+    return layer.scales.dtype if "scales" in layer else layer.weight.dtype

@@ -32,6 +32,7 @@ import numpy as np
 from .blip2 import as_array, check_pixel_values, load_weights
 from .config import Blip2Config, Blip2QFormerConfig
 from .loading import load_safetensors, resolve_checkpoint
+from .quant import compute_dtype
 from .qformer import BaseModelOutputWithPoolingAndCrossAttentions, Blip2QFormerModel
 from .vision import BaseModelOutputWithPooling, Blip2VisionModel
 
@@ -149,7 +150,7 @@ class _QFormerImageSide:
     def image_embeds_from_features(self, image_features: mx.array) -> mx.array:
         """ViT features (B, P, C) -> normalised projected query outputs (B, num_query_tokens, embed_dim)."""
         query_output = self._query_outputs(image_features).last_hidden_state
-        return normalize(self.vision_projection(query_output.astype(self.vision_projection.weight.dtype)))
+        return normalize(self.vision_projection(query_output.astype(compute_dtype(self.vision_projection))))
 
     def get_image_embeds(self, pixel_values, interpolate_pos_encoding: bool = False) -> mx.array:
         features = self.get_image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
@@ -172,7 +173,7 @@ class _QFormerTextSide:
     def get_text_embeds(self, input_ids, attention_mask=None) -> mx.array:
         """Plain text ids ([CLS] first, no <image> tokens) -> normalised projected [CLS] outputs (B, embed_dim)."""
         cls = self._text_outputs(input_ids, attention_mask).last_hidden_state[:, 0]
-        return normalize(self.text_projection(cls.astype(self.text_projection.weight.dtype)))
+        return normalize(self.text_projection(cls.astype(compute_dtype(self.text_projection))))
 
 
 def itc_scores(image_embeds: mx.array, text_embeds: mx.array) -> mx.array:
@@ -205,7 +206,7 @@ class Blip2ForImageTextRetrieval(nn.Module, _QFormerImageSide, _QFormerTextSide)
         embeds = embeds.astype(self.qformer.layernorm.weight.dtype)
         out = self.qformer(embeds, query_length=queries.shape[1], attention_mask=attention_mask,
                            encoder_hidden_states=image_features)
-        hidden = out.last_hidden_state.astype(self.itm_head.weight.dtype)
+        hidden = out.last_hidden_state.astype(compute_dtype(self.itm_head))
         logits = self.itm_head(hidden[:, : queries.shape[1]]).mean(axis=1)
         return logits, hidden, out
 
@@ -259,7 +260,7 @@ class Blip2ForImageTextRetrieval(nn.Module, _QFormerImageSide, _QFormerTextSide)
             input_ids, attention_mask = input_ids[:, Q:], attention_mask[:, Q:]
         image_embeds = self.image_embeds_from_features(image_features)
         text_outputs = self._text_outputs(input_ids, attention_mask)
-        cls = text_outputs.last_hidden_state[:, 0].astype(self.text_projection.weight.dtype)
+        cls = text_outputs.last_hidden_state[:, 0].astype(compute_dtype(self.text_projection))
         text_embeds = normalize(self.text_projection(cls))
         logits = itc_scores(image_embeds, text_embeds)
         return Blip2ImageTextMatchingModelOutput(
@@ -284,7 +285,7 @@ class Blip2TextModelWithProjection(nn.Module, _QFormerTextSide):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> Blip2TextModelOutput:
         out = self._text_outputs(input_ids, attention_mask, position_ids)
-        hidden = out.last_hidden_state.astype(self.text_projection.weight.dtype)
+        hidden = out.last_hidden_state.astype(compute_dtype(self.text_projection))
         return Blip2TextModelOutput(text_embeds=normalize(self.text_projection(hidden)),
                                     last_hidden_state=out.last_hidden_state)
 

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .config import ConfigError, _FromDict
+from .quant import compute_dtype
 from .vision import ACT
 
 ACTIVATIONS = {**ACT, "gelu_pytorch_tanh": nn.gelu_approx}
@@ -121,10 +122,6 @@ def clamp_fp16(x: mx.array) -> mx.array:
     return mx.clip(x, -limit, limit)
 
 
-def _compute_dtype(linear: nn.Module):
-    return linear.scales.dtype if "scales" in linear else linear.weight.dtype  # quantized layers keep it in scales
-
-
 class T5LayerNorm(nn.Module):
     def __init__(self, dims: int, eps: float):
         super().__init__()
@@ -212,7 +209,7 @@ class T5DenseActDense(nn.Module):
         self.act = ACTIVATIONS[config.dense_act_fn]
 
     def __call__(self, x):
-        return self.wo(self.act(self.wi(x)).astype(_compute_dtype(self.wo)))
+        return self.wo(self.act(self.wi(x)).astype(compute_dtype(self.wo)))
 
 
 class T5DenseGatedActDense(nn.Module):
@@ -225,7 +222,7 @@ class T5DenseGatedActDense(nn.Module):
 
     def __call__(self, x):
         # Cast to wo's dtype: a float32 wo (see FP32_SUFFIXES) then turns the residual stream float32.
-        return self.wo((self.act(self.wi_0(x)) * self.wi_1(x)).astype(_compute_dtype(self.wo)))
+        return self.wo((self.act(self.wi_0(x)) * self.wi_1(x)).astype(compute_dtype(self.wo)))
 
 
 class T5LayerFF(nn.Module):
