@@ -35,7 +35,9 @@ def build(out: Path = DEFAULT_OUT) -> Path:
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # build directly in bfloat16: half the memory of float32
     # The Hub checkpoint's <image> id is 50265; the borrowed tiny tokenizer's is 400 (any id < vocab_size works).
-    config = Blip2Config(text_config=OPT_2_7B, num_query_tokens=32, image_token_index=400)
+    # transformers initialises the ViT with std 1e-10 (its weights would round to 0 in float16); use 0.02.
+    config = Blip2Config(vision_config={"initializer_range": 0.02}, text_config=OPT_2_7B, num_query_tokens=32,
+                         image_token_index=400)
     with torch.no_grad():
         model = Blip2ForConditionalGeneration(config).eval()
     torch.set_default_dtype(torch.float32)
