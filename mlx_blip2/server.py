@@ -520,8 +520,6 @@ class ModelWorker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
-        for job in list(self._pending):
-            job.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -600,6 +598,9 @@ class ModelWorker:
         while True:
             batch = self._next_batch()
             if batch is None:
+                for job in self._pending:
+                    job.cancel()
+                self._pending.clear()
                 return
             live = [j for j in batch if not j.cancelled.is_set() and j.future.set_running_or_notify_cancel()]
             self.stats["cancelled"] += len(batch) - len(live)
@@ -703,10 +704,12 @@ class ModelWorker:
     def _run_embed_texts(self, jobs: list[Job]) -> None:
         texts = [t for job in jobs for t in job.payload["texts"]]
         embeds = self.pipeline.embed_texts(texts)
+        tokenizer = getattr(getattr(self.pipeline, "processor", None), "tokenizer", None)
         i = 0
         for job in jobs:
             n = len(job.payload["texts"])
-            job.future.set_result(embeds[i:i + n])
+            tokens = sum(len(tokenizer(t)["input_ids"]) for t in job.payload["texts"]) if tokenizer else 0
+            job.future.set_result((embeds[i:i + n], tokens))
             i += n
 
     def _run_match(self, jobs: list[Job]) -> None:
@@ -939,6 +942,8 @@ def create_app(pipeline, **limits):
         finally:
             watcher.cancel()
         if target in done:
+            if target.cancelled():  # the worker dropped the job: the server is stopping
+                raise APIError(503, "the request was cancelled: the server is shutting down")
             return target.result()
         target.cancel()
         if watcher in done:
@@ -957,7 +962,10 @@ def create_app(pipeline, **limits):
             worker.arrive()
             request.state.arrived = True
             try:
-                return await handler(request)
+                # The time limit covers reading the body and decoding too (a client trickling its upload).
+                with anyio.move_on_after(config.timeout + 1):
+                    return await handler(request)
+                raise APIError(504, f"the request did not finish within this server's {config.timeout:g} s limit")
             finally:
                 departed(request)
 
@@ -1060,12 +1068,15 @@ def create_app(pipeline, **limits):
             param = f"messages[{i}]"
             if not isinstance(message, dict):
                 raise APIError(400, f"'{param}' must be an object", param)
-            extra = set(message) - {"role", "content", "name"}
+            # Clients echo assistant messages back with empty extras (refusal, tool_calls...): those are fine.
+            extra = sorted(k for k, v in message.items() if k not in ("role", "content", "name") and v)
             if extra:
-                raise APIError(400, f"unknown field '{param}.{sorted(extra)[0]}'", param)
+                raise APIError(400, f"'{param}.{extra[0]}' is not supported by this server", param)
             role, content = message.get("role"), message.get("content")
             if role not in ("system", "developer", "user", "assistant"):
                 raise APIError(400, f"'{param}.role' must be system, developer, user or assistant", param)
+            if content is None:
+                content = []
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(parts, list):
                 raise APIError(400, f"'{param}.content' must be a string or a list of parts", param)
@@ -1128,19 +1139,18 @@ def create_app(pipeline, **limits):
                                            or set(stream_options) - {"include_usage"}):
             raise APIError(400, "'stream_options' may only hold include_usage", "stream_options")
         raw = {k: v for k, v in data.items() if k in OPTION_TYPES}
-        for ours, theirs in (("max_new_tokens", "max_completion_tokens"), ("max_new_tokens", "max_tokens"),
+        renamed = {}  # our option -> the OpenAI name the client used
+        for ours, theirs in (("max_new_tokens", "max_tokens"), ("max_new_tokens", "max_completion_tokens"),
                              ("num_return_sequences", "n")):
             if data.get(theirs) is not None:
-                raw[ours] = data[theirs]
-                if theirs == "n":
-                    raw[ours] = _coerce("n", data["n"], int, False)
+                raw[ours] = _coerce(theirs, data[theirs], int, False)
+                renamed[ours] = theirs
         try:
             options = parse_options(raw, config)
         except APIError as e:
-            names = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
-            if e.param in names and e.param not in data:
-                e.message = e.message.replace(f"'{e.param}'", f"'{names[e.param]}'")
-                e.param = names[e.param]
+            if e.param in renamed and e.param not in data:
+                e.message = e.message.replace(f"'{e.param}'", f"'{renamed[e.param]}'")
+                e.param = renamed[e.param]
             raise
         defaults = CAPTION_DEFAULTS if prompt is None else VQA_DEFAULTS
         kw = resolve_options(defaults, options, stream=stream)
@@ -1265,8 +1275,9 @@ def create_app(pipeline, **limits):
             texts = text_value(data, "input", required=True, allow_list=True)
             texts = texts if isinstance(texts, list) else [texts]
             job = Job("embed_texts", {"texts": texts}, key=("embed_texts",), rows=len(texts))
-            usage = sum(len(t.split()) for t in texts)
         vectors = await run_job(request, job, deadline)
+        if not has_images:
+            vectors, usage = vectors
         import numpy as np
 
         items = []
