@@ -51,8 +51,9 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("mlx_blip2.server")
 
@@ -321,7 +322,7 @@ def decode_image(data: bytes, config: ServerConfig, param: str = "image", size: 
         img = Image.open(io.BytesIO(data), formats=_formats())
     except Image.DecompressionBombError as e:
         raise APIError(413, f"'{param}' is too large to decode: {e}", param) from None
-    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...: not an image we read
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError...: not an image we read
         raise APIError(400, f"'{param}' is not an image in a supported format ({', '.join(_formats())})",
                        param) from None
     w, h = img.size
@@ -338,7 +339,7 @@ def decode_image(data: bytes, config: ServerConfig, param: str = "image", size: 
                              reducing_gap=None)
     except Image.DecompressionBombError as e:
         raise APIError(413, f"'{param}' is too large to decode: {e}", param) from None
-    except Exception as e:  # truncated or corrupt data
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data, whatever the decoder raises
         raise APIError(400, f"'{param}' could not be decoded ({img.format} data is corrupt or truncated: "
                             f"{str(e)[:120] or type(e).__name__})", param) from None
     return rgb
@@ -613,7 +614,7 @@ class ModelWorker:
             self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(j.rows for j in live))
             try:
                 getattr(self, f"_run_{live[0].kind}")(live)
-            except Exception as e:  # noqa: BLE001 - every failure must reach its requests, never the thread
+            except Exception as e:  # every failure must reach its requests, never end the thread
                 if isinstance(e, Cancelled):
                     self.stats["cancelled"] += len(live)
                 else:
@@ -758,6 +759,7 @@ def create_app(pipeline, **limits):
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
@@ -816,17 +818,24 @@ def create_app(pipeline, **limits):
                 raise APIError(400, f"the JSON body must be an object, got {type(data).__name__}")
             return data, {}, False
         if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            body = await read_body(request, per_image + (1 << 20))
+            limit = per_image + (1 << 20)
+            body = await read_body(request, limit)
 
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
+            async def chunks():
+                yield body
 
+            class InMemory(MultiPartParser):
+                spool_max_size = limit  # the body is capped already: keep uploads in memory, never in temp files
+
+            parser = (InMemory if ctype == "multipart/form-data" else FormParser)
+            limits = {"max_fields": config.max_texts + 64, "max_part_size": 1 << 20}
+            if parser is InMemory:
+                limits["max_files"] = 64
             try:
-                form = await Request(request.scope, replay).form(max_files=64, max_fields=config.max_texts + 64,
-                                                                 max_part_size=1 << 20)
-            except HTTPException as e:
-                raise APIError(400, f"malformed form data: {e.detail}") from None
-            except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
+                form = await parser(request.headers, chunks(), **limits).parse()
+            except MultiPartException as e:
+                raise APIError(400, f"malformed form data: {e.message}") from None
+            except Exception as e:  # noqa: BLE001 - python-multipart's own parse errors
                 raise APIError(400, f"malformed form data: {str(e)[:200]}") from None
             values: dict[str, list] = {}
             for key, value in form.multi_items():
@@ -1193,14 +1202,16 @@ def create_app(pipeline, **limits):
             return f"data: {_json_bytes(body).decode()}\n\n"
 
         async def events():
-            item, finish, tokens = first, "stop", 0
+            item, finish, tokens, started = first, "stop", 0, False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
                     kind, value = item
                     if kind == "chunk":
-                        if value.text:
-                            yield chunk({"content": value.text})
+                        text = value.text if started else value.text.lstrip()  # as the non-streamed text is stripped
+                        if text:
+                            started = True
+                            yield chunk({"content": text})
                         if value.finish_reason:
                             finish, tokens = value.finish_reason, value.generation_tokens
                     elif kind == "error":
@@ -1401,7 +1412,7 @@ class BackgroundServer:
         self._thread.join(timeout)
         self._sock.close()
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
