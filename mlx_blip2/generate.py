@@ -77,6 +77,25 @@ class EncoderDecoderRunner:
             c.select(rows)
 
 
+class GenerationCancelled(Exception):
+    """Raised between decode steps when ``generate``'s ``should_stop()`` says so (a server's client went away)."""
+
+
+class CancellableRunner:
+    """A runner that checks ``should_stop()`` before every decode step."""
+
+    def __init__(self, runner, should_stop: Callable[[], bool]):
+        self.runner, self.should_stop = runner, should_stop
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        if self.should_stop():
+            raise GenerationCancelled()
+        return self.runner(tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
 def make_runner(model: Blip2Model, inputs_embeds: mx.array, attention_mask: mx.array):
     lm = model.language_model
     if model.config.use_decoder_only_language_model:
@@ -338,12 +357,14 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     interpolate_pos_encoding: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> mx.array:
     """Generate new token ids for a batch of images and (optional) prompts; returns (B * num_return_sequences, T).
 
     Options follow transformers' ``generate``: greedy by default, beam search with ``num_beams > 1``, sampling
     (temperature, top-k, top-p, min-p; reproducible with ``seed``) with ``do_sample=True``. ``image_features`` (from
     ``model.encode_images``) may replace ``pixel_values`` so that several prompts on one image encode it once.
+    ``should_stop()``, checked before every decode step, cancels the generation with ``GenerationCancelled``.
     """
     check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
                   num_return_sequences, do_sample)
@@ -355,6 +376,8 @@ def generate(
     if processors.needs_history:
         processors.history = inputs.prompt_ids
     runner = make_runner(model, inputs.inputs_embeds, inputs.attention_mask)
+    if should_stop is not None:
+        runner = CancellableRunner(runner, should_stop)
     if num_beams > 1:
         rows = beam_search(runner, num_beams=num_beams, max_new_tokens=max_new_tokens, processors=processors,
                            pad_token_id=pad_token_id, length_penalty=length_penalty, early_stopping=early_stopping,

@@ -55,17 +55,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .generate import GenerationCancelled as Cancelled
+
 log = logging.getLogger("mlx_blip2.server")
 
 INSTALL_HINT = "pip install 'mlx-blip2[server]'   (or: pip install starlette uvicorn python-multipart)"
-SERVER_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "multipart": "python-multipart"}
+SERVER_PACKAGES = {"starlette": ("starlette",), "uvicorn": ("uvicorn",),
+                   "python-multipart": ("python_multipart", "multipart")}  # its module's new and old names
 
 
 def missing_server_packages() -> list[str]:
     """The web-stack packages that are not installed (empty when the server can run)."""
     import importlib.util
 
-    return [pip for module, pip in SERVER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    return [pip for pip, modules in SERVER_PACKAGES.items()
+            if not any(importlib.util.find_spec(m) is not None for m in modules)]
 
 
 # --- configuration and errors ------------------------------------------------------------------------------------
@@ -109,10 +113,6 @@ class APIError(Exception):
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
-
-
-class Cancelled(Exception):
-    """Raised inside the model worker when every request of a running batch was cancelled."""
 
 
 # --- options -----------------------------------------------------------------------------------------------------
@@ -357,62 +357,6 @@ def _resize_spec(pipeline) -> dict | None:
 # --- batched generation with cancellation ------------------------------------------------------------------------
 
 
-class _CancellableRunner:
-    """Wraps a decode runner; raises :class:`Cancelled` before a step once ``should_stop()`` says so."""
-
-    def __init__(self, runner, should_stop: Callable[[], bool]):
-        self._runner, self._should_stop = runner, should_stop
-
-    def __call__(self, tokens):
-        if self._should_stop():
-            raise Cancelled()
-        return self._runner(tokens)
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-
-def generate_ids(model, should_stop: Callable[[], bool] | None = None, *, pixel_values=None, input_ids=None,
-                 attention_mask=None, **options) -> list[list[int]]:
-    """:func:`mlx_blip2.generate.generate` (same steps, same ids) that stops between decode steps when
-    ``should_stop()`` is true, raising :class:`Cancelled`."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
-
-    from . import generate as G
-
-    params = inspect.signature(G.generate).parameters
-    o = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    unknown = set(options) - set(o)
-    if unknown:
-        raise TypeError(f"unexpected options: {', '.join(sorted(unknown))}")
-    o.update(options)
-    G.check_options(**o)
-    inputs = G.prepare_inputs(model, pixel_values, input_ids, attention_mask, o["image_features"],
-                              o["interpolate_pos_encoding"])
-    eos_ids = G._eos_ids(model, o["eos_token_id"])
-    pad_token_id = o["pad_token_id"]
-    if pad_token_id is None:
-        pad_token_id = model.config.text_config.pad_token_id
-    processors = G.LogitsProcessors(o["min_new_tokens"], o["repetition_penalty"], o["no_repeat_ngram_size"], eos_ids)
-    if processors.needs_history:
-        processors.history = inputs.prompt_ids
-    runner = G.make_runner(model, inputs.inputs_embeds, inputs.attention_mask)
-    if should_stop is not None:
-        runner = _CancellableRunner(runner, should_stop)
-    if o["num_beams"] > 1:
-        return G.beam_search(runner, num_beams=o["num_beams"], max_new_tokens=o["max_new_tokens"],
-                             processors=processors, pad_token_id=pad_token_id, length_penalty=o["length_penalty"],
-                             early_stopping=o["early_stopping"], num_return_sequences=o["num_return_sequences"])
-    if o["do_sample"] and o["seed"] is not None:
-        mx.random.seed(o["seed"])
-    sampler = (make_sampler(o["temperature"], top_p=o["top_p"], min_p=o["min_p"], top_k=o["top_k"])
-               if o["do_sample"] else G.greedy)
-    steps = list(G.generate_step(runner, max_new_tokens=o["max_new_tokens"], sampler=sampler, processors=processors,
-                                 pad_token_id=pad_token_id or 0))
-    return [list(row) for row in zip(*steps)]
-
-
 @dataclass
 class Completion:
     text: str
@@ -452,8 +396,8 @@ def generate_batch(pipeline, images: list, prompts: list[str] | None, options: d
         kwargs["image_features"] = features if index == list(range(len(unique))) else features[mx.array(index)]
     else:
         kwargs["pixel_values"] = inputs["pixel_values"]
-    ids = generate_ids(model, should_stop, input_ids=inputs.get("input_ids"),
-                       attention_mask=inputs.get("attention_mask"), **kwargs)
+    ids = model.generate(input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask"),
+                         should_stop=should_stop, **kwargs).tolist()
     texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
     completions = []
@@ -828,9 +772,9 @@ def create_app(pipeline, **limits):
                 spool_max_size = limit  # the body is capped already: keep uploads in memory, never in temp files
 
             parser = (InMemory if ctype == "multipart/form-data" else FormParser)
-            limits = {"max_fields": config.max_texts + 64, "max_part_size": 1 << 20}
-            if parser is InMemory:
-                limits["max_files"] = 64
+            limits = {"max_files": 64, "max_fields": config.max_texts + 64, "max_part_size": 1 << 20}
+            accepted = inspect.signature(parser.__init__).parameters  # older Starlettes take fewer limits
+            limits = {k: v for k, v in limits.items() if k in accepted}
             try:
                 form = await parser(request.headers, chunks(), **limits).parse()
             except MultiPartException as e:
