@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: build the random 2.7b checkpoint")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only --variants and keep the other rows of <out>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -269,6 +271,9 @@ def main() -> None:
     source = args.checkpoint or build()
     bandwidth = read_bandwidth_gbs()
     results = {}
+    previous = args.out.with_suffix(".json")
+    if args.update and previous.exists():
+        results = json.loads(previous.read_text())["results"]
     for variant in args.variants.split(","):
         checkpoint = prepare_mlx(variant, source) if variant in MLX_VARIANTS else source
         print(f"running {variant} ...", file=sys.stderr, flush=True)
