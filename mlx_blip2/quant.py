@@ -65,7 +65,27 @@ def quantize_from_config(model: nn.Module, quantization: dict[str, Any] | None,
         mode=mode,
         class_predicate=predicate,
     )
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = RowsDequantizedLinear
     return model
+
+
+class RowsDequantizedLinear(nn.QuantizedLinear):
+    """A quantized linear layer that, on the CPU backend, multiplies several rows through a dequantized weight.
+
+    There MLX's quantized matmul with more than one row runs at ~1 GMAC/s, so a prefill or a batch takes minutes;
+    dequantizing the weight for the call and using the float (BLAS) matmul is ~30x faster. One row (a decode step)
+    keeps the quantized kernel, which reads fewer bytes. GPUs always use the quantized kernel.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size <= x.shape[-1] or mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        y = x @ w.T.astype(x.dtype)
+        return y + self.bias if "bias" in self else y
 
 
 def compute_dtype(layer: nn.Module):
