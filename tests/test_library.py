@@ -619,3 +619,29 @@ def test_missing_heif_plugin_is_explained(pipe, tmp_path, monkeypatch):
     (tmp_path / "x.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not really")
     with pytest.raises(library.ImageLoadError, match="pip install pillow-heif"):
         decode(str(tmp_path / "x.heic"), pipe.processor.image_processor)
+
+
+def test_generated_library_end_to_end(pipe, tmp_path):
+    """Names with spaces and accents, a 6000x4000 photo, alpha, CMYK, EXIF, fake and empty files: one record each."""
+    lib = tmp_path / "Photos été 2024"
+    good = [
+        save(lib / "à la plage (1).jpg"),
+        save(lib / "sub dir" / "ünïcödé näme.png", Image.fromarray(picture()).convert("RGBA")),
+        save(lib / "sub dir" / "cmyk photo.JPG", Image.fromarray(picture()).convert("CMYK")),
+        save(lib / "big 6000x4000.jpg",
+             Image.fromarray(np.kron(picture(60, 40), np.ones((100, 100, 1), np.uint8))), quality=70),
+    ]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    good.append(save(lib / "rotated ↻.jpg", exif=exif))
+    bad = [lib / "empty.png", lib / "fake photo.gif"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"this is text, not a GIF")
+    (lib / "notes.txt").write_text("not an image: ignored")
+    out = tmp_path / "captions.jsonl"
+    summary, _ = run(pipe, [lib], output=out, recursive=True)
+    records = read_jsonl(out)
+    assert sorted(r["path"] for r in records) == sorted(str(p.resolve()) for p in good + bad)
+    assert {r["path"] for r in records if "caption" in r} == {str(p.resolve()) for p in good}
+    assert {r["path"] for r in records if "error" in r} == {str(p.resolve()) for p in bad}
+    assert summary.captioned == len(good) and len(summary.failed) == len(bad) and summary.exit_code == 1
