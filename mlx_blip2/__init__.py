@@ -6,7 +6,15 @@ _blas.preload()  # must run before mlx.core is first imported
 
 from .blip2 import Blip2ForConditionalGeneration, Blip2Model  # noqa: E402
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig  # noqa: E402
+from .pipeline import load  # noqa: E402
+from .processing import Blip2ImageProcessor, Blip2Processor, load_image  # noqa: E402
 from .qformer import Blip2QFormerModel  # noqa: E402
+from .retrieval import (  # noqa: E402
+    Blip2ForImageTextRetrieval,
+    Blip2TextModelWithProjection,
+    Blip2VisionModelWithProjection,
+)
+from .t5 import T5Config  # noqa: E402
 from .vision import Blip2VisionModel  # noqa: E402
 
 __version__ = "0.1.0"
@@ -14,10 +22,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Blip2Config",
     "Blip2ForConditionalGeneration",
+    "Blip2ForImageTextRetrieval",
+    "Blip2ImageProcessor",
     "Blip2Model",
+    "Blip2Processor",
     "Blip2QFormerConfig",
     "Blip2QFormerModel",
+    "Blip2TextModelWithProjection",
     "Blip2VisionConfig",
     "Blip2VisionModel",
+    "Blip2VisionModelWithProjection",
     "OPTConfig",
+    "T5Config",
+    "load",
+    "load_image",
 ]

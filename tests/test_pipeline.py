@@ -120,3 +120,14 @@ def test_cli_generation_options_and_streaming(capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == pipe.ask(path, "what?", num_beams=1, max_new_tokens=6)
     assert "tokens/s" in captured.err
+
+
+def test_top_level_api():
+    import mlx_blip2
+
+    pipe = mlx_blip2.load(TINY)
+    assert isinstance(pipe.caption(make_images()[0], num_beams=1, max_new_tokens=3), str)
+    processor = mlx_blip2.Blip2Processor.from_pretrained(TINY)
+    assert processor.num_query_tokens == pipe.model.config.num_query_tokens
+    for name in mlx_blip2.__all__:
+        assert hasattr(mlx_blip2, name)
