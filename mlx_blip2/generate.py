@@ -369,13 +369,13 @@ def generate(
     check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
                   num_return_sequences, do_sample)
     inputs = prepare_inputs(model, pixel_values, input_ids, attention_mask, image_features, interpolate_pos_encoding)
-    eos_ids = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = model.config.text_config.pad_token_id
-    processors = LogitsProcessors(min_new_tokens, repetition_penalty, no_repeat_ngram_size, eos_ids)
-    if processors.needs_history:
-        processors.history = inputs.prompt_ids
-    runner = make_runner(model, inputs.inputs_embeds, inputs.attention_mask)
+    runner, sampler, processors = start_decoding(
+        model, inputs, eos_token_id=eos_token_id, min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+    )
     if should_stop is not None:
         runner = CancellableRunner(runner, should_stop)
     if num_beams > 1:
@@ -383,12 +383,25 @@ def generate(
                            pad_token_id=pad_token_id, length_penalty=length_penalty, early_stopping=early_stopping,
                            num_return_sequences=num_return_sequences)
         return mx.array(rows, dtype=mx.int32)
-    if do_sample and seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k) if do_sample else greedy
     steps = list(generate_step(runner, max_new_tokens=max_new_tokens, sampler=sampler, processors=processors,
                                pad_token_id=pad_token_id or 0))
     return mx.array(steps, dtype=mx.int32).T
+
+
+def start_decoding(model: Blip2Model, inputs: PreparedInputs, *, eos_token_id, min_new_tokens: int,
+                   repetition_penalty: float, no_repeat_ngram_size: int, do_sample: bool, temperature: float,
+                   top_k: int, top_p: float, min_p: float, seed: int | None):
+    """Prefill the language model and build the sampler and logits processors: (runner, sampler, processors)."""
+    processors = LogitsProcessors(min_new_tokens, repetition_penalty, no_repeat_ngram_size,
+                                  _eos_ids(model, eos_token_id))
+    if processors.needs_history:
+        processors.history = inputs.prompt_ids
+    sampler = greedy
+    if do_sample:
+        if seed is not None:
+            mx.random.seed(seed)
+        sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    return make_runner(model, inputs.inputs_embeds, inputs.attention_mask), sampler, processors
 
 
 @dataclass
@@ -405,38 +418,31 @@ class GenerationResponse:
     peak_memory: float = 0.0  # GB
 
 
-def stream_generate(model: Blip2Model, processor, image, prompt: str | None = None, **kwargs
-                    ) -> Iterator[GenerationResponse]:
-    """Yield the text of one image's generation piece by piece as tokens arrive (greedy or sampling)."""
+def stream_generate(model: Blip2Model, processor, image, prompt: str | None = None, *, max_new_tokens: int = 20,
+                    min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    no_repeat_ngram_size: int = 0, seed: int | None = None, eos_token_id=None,
+                    pad_token_id: int | None = None) -> Iterator[GenerationResponse]:
+    """Yield the text of one image's generation piece by piece as tokens arrive (greedy or sampling).
+
+    Options as :func:`generate`; ``pad_token_id`` is accepted for symmetry and unused (one row never pads).
+    """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     from .processing import load_image
 
-    if kwargs.get("num_beams", 1) != 1:
+    if num_beams != 1:
         raise ValueError("streaming needs num_beams=1: beam search only knows its text at the end")
-    max_new_tokens = kwargs.pop("max_new_tokens", 20)
-    eos_ids = _eos_ids(model, kwargs.pop("eos_token_id", None))
-    seed, do_sample = kwargs.pop("seed", None), kwargs.pop("do_sample", False)
-    sampler = greedy
-    if do_sample:
-        if seed is not None:
-            mx.random.seed(seed)
-        sampler = make_sampler(kwargs.pop("temperature", 1.0), top_p=kwargs.pop("top_p", 1.0),
-                               min_p=kwargs.pop("min_p", 0.0), top_k=kwargs.pop("top_k", 0))
-    processors = LogitsProcessors(kwargs.pop("min_new_tokens", 0), kwargs.pop("repetition_penalty", 1.0),
-                                  kwargs.pop("no_repeat_ngram_size", 0), eos_ids)
-    kwargs.pop("pad_token_id", None)
-    for unused in ("temperature", "top_p", "min_p", "top_k", "num_beams"):
-        kwargs.pop(unused, None)
-    if kwargs:
-        raise TypeError(f"unexpected options: {', '.join(sorted(kwargs))}")
-
+    check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty, 1, do_sample)
     tic = time.perf_counter()
     enc = processor(images=[load_image(image)], text=None if prompt is None else [prompt])
     inputs = prepare_inputs(model, enc["pixel_values"], enc.get("input_ids"), enc.get("attention_mask"))
-    if processors.needs_history:
-        processors.history = inputs.prompt_ids
-    runner = make_runner(model, inputs.inputs_embeds, inputs.attention_mask)
+    runner, sampler, processors = start_decoding(
+        model, inputs, eos_token_id=eos_token_id, min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+    )
+    eos_ids = processors.eos_ids
     mx.eval(runner.first_logits)
     prompt_tokens = inputs.inputs_embeds.shape[1]
     prompt_tps = prompt_tokens / (time.perf_counter() - tic)
