@@ -59,12 +59,13 @@ class Blip2Pipeline:
 
     def _generate(self, images: list, prompts: list[str] | None, defaults: dict, options: dict) -> list[str]:
         pil = [load_image(im) for im in images]
+        # Several prompts on one image: preprocess and encode (ViT + Q-Former) it once.
         share = len(pil) > 1 and all(im is pil[0] for im in pil)
-        inputs = self.processor(images=pil, text=prompts, padding=True)
+        inputs = self.processor(images=pil[:1] if share else pil, text=prompts, padding=True)
         kwargs = {"eos_token_id": self.eos_token_ids(), "pad_token_id": self.processor.tokenizer.pad_token_id,
                   **generation_options(defaults, options)}
-        if share:  # several prompts on one image: run the vision encoder and Q-Former once
-            features = self.model.encode_images(inputs["pixel_values"][:1])
+        if share:
+            features = self.model.encode_images(inputs["pixel_values"])
             kwargs["image_features"] = mx.repeat(features, len(pil), axis=0)
         else:
             kwargs["pixel_values"] = inputs["pixel_values"]
