@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _blas
+from . import _blas  # importing the package already preloaded the BLAS (mlx_blip2/__init__.py)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +110,6 @@ def cmd_doctor(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _blas.preload()
     args = build_parser().parse_args(argv)
     handler = getattr(args, "func", None)  # subcommands registered with set_defaults(func=...)
     if handler is None:
