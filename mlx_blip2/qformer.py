@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Blip2QFormerConfig
+from .cpu_math import scaled_dot_product_attention
 from .vision import ACT
 
 
@@ -46,7 +47,7 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
             return t.reshape(B, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 

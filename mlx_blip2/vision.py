@@ -12,34 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Blip2VisionConfig
-
-# erf(x) = x P(x^2) / Q(x^2) on |x| <= 4 (|erf| rounds to 1 beyond): a rational least-squares fit of ours, max error
-# 4.3e-7 in float32, as accurate as mx.erf. On the CPU backend mx.erf runs as a scalar loop and exact GELU took ~30%
-# of the ViT-g's time; this fused polynomial is ~7x faster there.
-_ERF_P = (-1.4693025915179535e-08, 4.99055502256918e-06, 0.00038983011488108037, 0.003829439038932399,
-          0.05440442869193157, 0.18389874554307276, 1.1283791965695398)
-_ERF_Q = (6.599595411286557e-05, 0.001317082543699741, 0.015458702782334773, 0.11364963044740335,
-          0.4963097340689713, 1.0)
-
-
-@mx.compile
-def _gelu_rational(x: mx.array) -> mx.array:
-    z = mx.clip(x * 0.7071067811865476, -4.0, 4.0)
-    u = z * z
-    p, q = _ERF_P[0], _ERF_Q[0]
-    for c in _ERF_P[1:]:
-        p = p * u + c
-    for c in _ERF_Q[1:]:
-        q = q * u + c
-    return 0.5 * x * (1.0 + z * p / q)
-
-
-def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU, as transformers' "gelu"."""
-    if mx.default_device() != mx.cpu:
-        return nn.gelu(x)
-    return _gelu_rational(x.astype(mx.float32)).astype(x.dtype)
-
+from .cpu_math import gelu, scaled_dot_product_attention
 
 ACT = {"gelu": gelu, "gelu_new": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu, "quick_gelu": nn.gelu_fast_approx}
 
@@ -105,7 +78,7 @@ class Blip2Attention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        out = scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
         return self.projection(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

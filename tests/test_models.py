@@ -253,7 +253,7 @@ def test_other_resolutions_interpolate_the_position_grid(loaded):
 def test_cpu_gelu_is_exact_gelu():
     import mlx.nn as nn
 
-    from mlx_blip2.vision import gelu
+    from mlx_blip2.cpu_math import gelu
 
     x = mx.concatenate([mx.linspace(-12, 12, 100001), mx.random.normal((10000,)) * 3])
     expected = np.array(nn.gelu(x), dtype=np.float64)
