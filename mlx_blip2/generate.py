@@ -35,7 +35,9 @@ class DecoderOnlyRunner:
         self.has_padding = not bool(attention_mask.all().item())
         # The next token's position is the number of kept tokens before it; padding takes no position.
         self.next_position = attention_mask.astype(mx.int32).sum(axis=1, keepdims=True)
-        self.first_logits = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=self.cache)[:, -1]
+        self.first_logits = lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=self.cache, logits_to_keep=1
+        )[:, -1]
 
     def __call__(self, tokens: mx.array) -> mx.array:
         if self.has_padding:

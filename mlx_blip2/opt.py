@@ -135,12 +135,16 @@ class OPTForCausalLM(nn.Module):
     def layers(self):
         return self.model.decoder.layers
 
-    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, position_ids=None):
+    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, position_ids=None,
+                 logits_to_keep: int = 0):
+        """Logits for every position, or for the last ``logits_to_keep`` (transformers' argument; 0 keeps all)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         h = self.model.decoder(inputs_embeds, attention_mask, cache, position_ids)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]  # a prefill needs only the last position's logits: skip the rest of lm_head
         if "lm_head" in self:
             return self.lm_head(h)
         return self.model.decoder.embed_tokens.as_linear(h)

@@ -260,3 +260,34 @@ def test_cpu_gelu_is_exact_gelu():
     got = np.array(gelu(x), dtype=np.float64)
     assert np.abs(got - expected).max() < 2e-6
     assert gelu(x.astype(mx.bfloat16)).dtype == mx.bfloat16
+
+
+def test_cpu_softmax_and_attention_match_exact():
+    from mlx_blip2.cpu_math import scaled_dot_product_attention, softmax
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, 3, 17, 33)) * 8
+    scores[..., 5] = -np.inf  # masked keys
+    scores[0, 0, 0, :] = -1e30  # a row whose keys are all masked but one, far below the others
+    scores[0, 0, 0, 3] = 0.0
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = e / e.sum(-1, keepdims=True)
+    got = np.array(softmax(mx.array(scores.astype(np.float32))), dtype=np.float64)
+    assert np.abs(got - expected).max() < 1e-6
+    assert np.all(got[..., 5] == 0)
+
+    q, k, v = (mx.array(rng.normal(size=(2, 4, n, 16)).astype(np.float32)) for n in (7, 9, 9))
+    mask = mx.array(np.where(rng.random((2, 1, 7, 9)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32))
+    for m in (None, mask):
+        out = scaled_dot_product_attention(q, k, v, scale=0.25, mask=m)
+        assert rel_error(out, np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m))) < 1e-6
+
+
+def test_logits_to_keep_gives_the_last_positions(loaded):
+    _, model, ref = loaded
+    lm = model.language_model
+    ids = mx.array(ref["single_input_ids"])
+    full = lm(input_ids=ids)
+    np.testing.assert_allclose(np.array(lm(input_ids=ids, logits_to_keep=1)), np.array(full[:, -1:]), rtol=1e-5,
+                               atol=1e-6)
+    assert lm(input_ids=ids, logits_to_keep=2).shape[1] == 2
