@@ -229,7 +229,7 @@ def table(results: dict, bandwidth: float, tokens: int) -> str:
         if "error" in r:
             rows.append(f"| {name} | error: {r['error']} |" + " |" * 9)
             continue
-        limit = bandwidth * 1e9 / r["lm_bytes"]
+        limit = r.get("bandwidth_gbs", bandwidth) * 1e9 / r["lm_bytes"]  # rows kept by --update: their own run's
         rows.append(
             f"| {name} | {r.get('disk_gb', float('nan')):.2f} | {r['load_s']:.1f} | {r['encode_s']:.2f} | "
             f"{r['prefill_s']:.2f} | {r['decode_tps']:.2f} | {100 * r['decode_tps'] / limit:.0f}% | {r['e2e_s']:.1f} "
@@ -307,7 +307,7 @@ def main() -> None:
             print(json.dumps({variant: rounds[variant][-1]}), file=sys.stderr, flush=True)
     for variant in variants:
         results[variant] = best_of(rounds[variant])
-        results[variant]["disk_gb"] = disk_gb(checkpoints[variant])
+        results[variant].update(disk_gb=disk_gb(checkpoints[variant]), bandwidth_gbs=bandwidth)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     blas = next((r["blas"] for r in results.values() if r.get("blas")), "n/a")
     md = (f"Machine: {machine}; memory read bandwidth {bandwidth:.1f} GB/s (measured); MLX's BLAS: {blas}. "
