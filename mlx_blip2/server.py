@@ -540,6 +540,16 @@ class ModelWorker:
         return batch
 
     def _loop(self) -> None:
+        import mlx.core as mx
+
+        try:
+            self._serve_jobs()
+        finally:
+            # MLX gives each thread its own default stream, run by a thread of its own: end it with this one, or
+            # interpreter shutdown may destroy it still running and abort the process.
+            mx.clear_streams()
+
+    def _serve_jobs(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:

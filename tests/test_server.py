@@ -717,3 +717,23 @@ def test_serve_command(monkeypatch, capsys):
     monkeypatch.setattr(server, "missing_server_packages", lambda: ["uvicorn"])
     assert main(["serve", "--model", str(TINY)]) == 2
     assert "pip install" in capsys.readouterr().err
+
+
+def test_process_exits_cleanly_after_serving():
+    """The model thread ends its MLX stream: exiting after a served request must not abort (it did ~1 run in 5)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from mlx_blip2.pipeline import load; from mlx_blip2.server import BackgroundServer, create_app\n"
+        "import json, urllib.request\n"
+        f"app = create_app(load({str(FIXTURES / 'tiny-blip2-opt')!r}))\n"
+        "with BackgroundServer(app) as s:\n"
+        "    req = urllib.request.Request(s.url + '/v1/ask', data=json.dumps({'image': 'data:image/png;base64,"
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC', "
+        "'question': 'what?', 'max_new_tokens': 2}).encode(), headers={'Content-Type': 'application/json'})\n"
+        "    assert json.loads(urllib.request.urlopen(req).read())['answer'] is not None\n"
+    )
+    for _ in range(4):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
