@@ -8,8 +8,9 @@ Q-Former), prefill, decode tokens/s, end-to-end caption latency (one 224 px imag
 captioning throughput and peak memory. It also measures the machine's memory read bandwidth, and reports each
 decode rate as a fraction of the bandwidth limit (bytes of language-model weights read per token / bandwidth).
 ``--rounds N`` runs the variants N times, interleaved, and keeps each figure's best (this machine's speed drifts
-by tens of percent for minutes at a time). Results go to ``<out>.md`` (a Markdown table) and ``<out>.png`` (a chart). On the CPU backend the quantized
-variants skip batch-8 (MLX's multi-row quantized matmul is slow there); ``BENCH_QUANTIZED_BATCH=1`` runs it anyway.
+by tens of percent for minutes at a time). Results go to ``<out>.md`` (a Markdown table) and ``<out>.png`` (a
+chart). On the CPU backend the quantized variants skip batch-8 (MLX's multi-row quantized matmul is slow there);
+``BENCH_QUANTIZED_BATCH=1`` runs it anyway.
 """
 
 from __future__ import annotations
@@ -310,7 +311,8 @@ def main() -> None:
         results[variant].update(disk_gb=disk_gb(checkpoints[variant]), bandwidth_gbs=bandwidth)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     blas = next((r["blas"] for r in results.values() if r.get("blas")), "n/a")
-    md = (f"Machine: {machine}; memory read bandwidth {bandwidth:.1f} GB/s (measured); MLX's BLAS: {blas}. "
+    md = (f"Machine: {machine}; memory read bandwidth {bandwidth:.1f} GB/s measured in this run (rows kept by "
+          f"--update use their own run's for the % of the limit); MLX's BLAS: {blas}. "
           f"Random-weight blip2-opt-2.7b, one 224 px image, {args.tokens} greedy tokens; best of {args.rounds} "
           f"interleaved round(s) (runs: how many each row had).\n\n" + table(results, bandwidth, args.tokens))
     args.out.parent.mkdir(parents=True, exist_ok=True)

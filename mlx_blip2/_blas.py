@@ -44,16 +44,13 @@ class _Blocksize(ctypes.Structure):  # BLIS's blksz_t: a value and an extension 
 
 
 def _tune_blis(lib: ctypes.CDLL) -> str:
-    """Threads and small-matrix thresholds for BLIS 0.6-0.9 (BLIS 1.0 changed this API: left at its defaults)."""
+    """Threads, and small-matrix thresholds for BLIS 0.6-0.9 (1.0 changed that API: left at its defaults there)."""
     notes = []
     if not any(os.environ.get(v) for v in _BLIS_THREAD_VARS):
         os.environ["BLIS_NUM_THREADS"] = str(os.cpu_count() or 1)  # BLIS is single-threaded unless told
         notes.append(f"{os.environ['BLIS_NUM_THREADS']} threads")
-    try:
-        lib.bli_info_get_version_str.restype = ctypes.c_char_p
-        version = lib.bli_info_get_version_str().decode()
-    except (AttributeError, OSError):
-        return ", ".join(notes)
+    lib.bli_info_get_version_str.restype = ctypes.c_char_p
+    version = lib.bli_info_get_version_str().decode()
     major, minor = (version.split(".") + ["", ""])[:2]
     if major == "0" and minor.isdigit() and 6 <= int(minor) <= 9:
         lib.bli_gks_query_cntx.restype = ctypes.c_void_p

@@ -139,12 +139,17 @@ def images():
     return make_images()
 
 
-@pytest.fixture(scope="module")
-def server(pipe):
-    app = create_app(pipe, model_name="tiny-blip2-opt", max_batch=8, batch_window=0.02)
+def batching_server(pipe, model_name: str):
+    """A module's shared server (a generator for fixtures), batching up to 8 rows in a 20 ms window."""
+    app = create_app(pipe, model_name=model_name, max_batch=8, batch_window=0.02)
     with BackgroundServer(app) as s:
         s.app = app
         yield s
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    yield from batching_server(pipe, "tiny-blip2-opt")
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +161,7 @@ def retrieval():
 
 @pytest.fixture(scope="module")
 def retrieval_server(retrieval):
-    app = create_app(retrieval, model_name="tiny-blip2-itm", max_batch=8, batch_window=0.02)
-    with BackgroundServer(app) as s:
-        s.app = app
-        yield s
+    yield from batching_server(retrieval, "tiny-blip2-itm")
 
 
 def serve(pipe, **limits):
