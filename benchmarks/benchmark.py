@@ -71,7 +71,8 @@ def child_mlx(checkpoint: Path, dtype_name: str, tokens: int) -> dict:
     from mlx.utils import tree_flatten
 
     from mlx_blip2 import Blip2ForConditionalGeneration
-    from mlx_blip2.generate import DecoderOnlyRunner, prepare_inputs
+    from mlx_blip2.generation.decoding import DecoderOnlyRunner
+    from mlx_blip2.generation.generate import prepare_inputs
     from mlx_blip2.processing import Blip2Processor
 
     tic = time.perf_counter()

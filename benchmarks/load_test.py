@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     if args.url:
         rows += run_all(args.url.rstrip("/"), args, images, options, "server")
     else:
-        from mlx_blip2.pipeline import load
+        from mlx_blip2.pipelines import load
         from mlx_blip2.server import BackgroundServer, create_app, missing_server_packages
 
         missing = missing_server_packages()

@@ -47,9 +47,9 @@ from typing import Any, Callable, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_blip2.blip2 import Blip2ForConditionalGeneration
-from mlx_blip2.config import ConfigError
-from mlx_blip2.loading import CheckpointError, resolve_checkpoint
+from mlx_blip2.models.blip2 import Blip2ForConditionalGeneration
+from mlx_blip2.models.base import ConfigError
+from mlx_blip2.models.loading import CheckpointError, resolve_checkpoint
 
 PROG = "mlx-blip2-convert"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -95,7 +95,7 @@ def is_retrieval(config: dict[str, Any]) -> bool:
 def model_class(config: dict[str, Any]) -> type:
     """The class a checkpoint is loaded (and saved) with: captioning/VQA or retrieval, by its architectures."""
     if is_retrieval(config):
-        from mlx_blip2.retrieval import Blip2ForImageTextRetrieval
+        from mlx_blip2.models.retrieval import Blip2ForImageTextRetrieval
 
         return Blip2ForImageTextRetrieval
     return Blip2ForConditionalGeneration
@@ -267,7 +267,7 @@ pip install mlx-blip2
 {shell}```
 
 ```python
-from mlx_blip2.pipeline import load
+from mlx_blip2 import load
 
 {usage}
 ```
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert a BLIP-2 checkpoint (Hub repo id or local directory) to MLX format, "
                     "in float16/bfloat16/float32 or quantized. Load the result with "
-                    "mlx_blip2.pipeline.load(PATH) or Blip2ForConditionalGeneration.from_pretrained(PATH).",
+                    "mlx_blip2.load(PATH) or Blip2ForConditionalGeneration.from_pretrained(PATH).",
         epilog="Recipes for --quant-predicate: " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items()) + ".",
     )
     p.add_argument("--hf-path", "--model", required=True,

@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from mlx_blip2.pipeline import load
+from mlx_blip2.pipelines import load
 
 HERE = Path(__file__).resolve().parent
 parser = argparse.ArgumentParser()

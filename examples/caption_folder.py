@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from mlx_blip2.library import caption_paths
-from mlx_blip2.pipeline import load
+from mlx_blip2.pipelines import load
 
 HERE = Path(__file__).resolve().parent
 parser = argparse.ArgumentParser()

@@ -98,7 +98,7 @@ if args.url:
     url = args.url.rstrip("/")
     run()
 else:
-    from mlx_blip2.pipeline import load
+    from mlx_blip2.pipelines import load
     from mlx_blip2.server import INSTALL_HINT, BackgroundServer, create_app, missing_server_packages
 
     if missing_server_packages():

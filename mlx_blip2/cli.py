@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     import mlx.core as mx
 
-    from .pipeline import DEFAULT_MODEL, load
+    from .pipelines import DEFAULT_MODEL, load
 
     dtype = getattr(mx, args.dtype) if args.dtype else None
     return load(args.model or DEFAULT_MODEL, dtype=dtype)
@@ -81,8 +81,8 @@ def cmd_ask(args) -> int:
     if not args.stream:
         print(pipe.ask(args.image, args.question, **generation_kwargs(args)))
         return 0
-    from .generate import stream_generate
-    from .pipeline import VQA_DEFAULTS, VQA_TEMPLATE
+    from .generation.engine import stream_generate
+    from .generation.options import VQA_DEFAULTS, VQA_TEMPLATE
 
     options = {**VQA_DEFAULTS, "num_beams": 1, **generation_kwargs(args)}
     options.pop("length_penalty", None)

@@ -774,7 +774,9 @@ class Summary:
 def caption_options(options: dict | None = None) -> dict:
     """The `generate` options for captioning, exactly as ``Blip2Pipeline.caption`` resolves them. Raises ValueError
     for invalid values, so that a bad option is a usage error rather than a failure on every image."""
-    from .pipeline import CAPTION_DEFAULTS, generation_options
+    from .generation.options import CAPTION_DEFAULTS
+    from .generation.options import resolve as _resolve
+    generation_options = lambda d, o: {k: v for k, v in _resolve(d, o).to_dict().items() if v is not None}
 
     return generation_options(CAPTION_DEFAULTS, dict(options or {}))
 
@@ -1039,14 +1041,14 @@ def add_caption_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_caption(args) -> int:
-    from .pipeline import DEFAULT_MODEL
+    from .pipelines import DEFAULT_MODEL
 
     model = args.model or DEFAULT_MODEL
 
     def load_pipe():
         import mlx.core as mx
 
-        from .pipeline import load
+        from .pipelines import load
 
         return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None)
 

@@ -367,7 +367,7 @@ class ImageEmbedder:
     """Image files -> (Q, D) embeddings with the vision half of a retrieval checkpoint (no text weights read)."""
 
     def __init__(self, model: str, dtype=None, batch_size: int = 8):
-        from .retrieval import Blip2RetrievalPipeline
+        from .pipelines.retrieval import Blip2RetrievalPipeline
 
         self.pipe = Blip2RetrievalPipeline.from_pretrained(model, dtype=dtype, part="vision", batch_size=batch_size)
         config = self.pipe.model.config
@@ -400,7 +400,7 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
     ``model`` defaults to the one the index was built with (or Salesforce/blip2-itm-vit-g for a new index). The
     model is only loaded when some file needs embedding. ``progress`` None means a bar on stderr if it is a tty.
     """
-    from .retrieval import DEFAULT_RETRIEVAL_MODEL
+    from .models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     model = model_id(model) if model is not None else (db.model or DEFAULT_RETRIEVAL_MODEL)
     if db.model is not None and db.model != model:
@@ -488,7 +488,7 @@ def search(db: PhotoIndex, query: str, k: int = 10, model: str | None = None, re
     if db.count() == 0:
         return []
     if pipeline is None:
-        from .retrieval import Blip2RetrievalPipeline
+        from .pipelines.retrieval import Blip2RetrievalPipeline
 
         name = model or db.model
         if name is None:
@@ -566,7 +566,7 @@ def cmd_search(args) -> int:
             print(f"'{args.db}' holds no searchable images", file=sys.stderr)
             _print_results([], args.json)
             return 0
-        from .retrieval import Blip2RetrievalPipeline
+        from .pipelines.retrieval import Blip2RetrievalPipeline
 
         pipeline = Blip2RetrievalPipeline.from_pretrained(model or db.model, dtype=_dtype(args),
                                                           part="full" if args.rerank else "text")

@@ -12,103 +12,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-try:  # HEIC/HEIF (iPhone photos) open through the pillow-heif plugin.
-    from pillow_heif import register_heif_opener
+from .images import HEIF_SUPPORTED, ImageLoadError, open_image  # noqa: F401  (re-exported)
 
-    register_heif_opener()
-    HEIF_SUPPORTED = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HEIF_SUPPORTED = False
+# The one way to open an image, under the name transformers users know.
+load_image = open_image
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-class ImageLoadError(ValueError):
-    """An image file exists but cannot be decoded."""
-
-
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """Scale a numeric pixel array to uint8. Pillow's own conversion clips 16-bit data at 255, which
-    turns most of a 16-bit image white, so wider types are rescaled instead."""
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    lo, hi = (a.min(), a.max()) if a.size else (0, 0)
-    if np.issubdtype(a.dtype, np.floating):
-        if lo < 0 or hi > 255:
-            raise ValueError(f"float pixel values must lie in [0, 1] or [0, 255], got [{lo}, {hi}]")
-        scale = 255.0 if hi <= 1 else 1.0
-    elif np.issubdtype(a.dtype, np.integer):
-        if lo < 0 or hi > 65535:
-            raise ValueError(f"integer pixel values must lie in [0, 65535], got [{lo}, {hi}]")
-        # 16-bit types are always 16-bit data; Pillow decodes some 16-bit files to int32 ("I"), caught by hi > 255.
-        scale = 1 / 257 if a.dtype.itemsize == 2 or hi > 255 else 1.0
-    else:
-        raise TypeError(f"unsupported pixel dtype {a.dtype}")
-    return np.round(a.astype(np.float64) * scale).astype(np.uint8)
-
-
-def _pil_to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode.startswith("I") or img.mode == "F":
-        img = Image.fromarray(_to_uint8(np.asarray(img)))
-    elif img.mode == "La":
-        img = img.convert("LA")  # Pillow has no direct La -> RGBA path
-    # Transparent pixels become white, as in transformers' convert_to_rgb; plain convert("RGB") would expose
-    # whatever colour the transparent pixels happen to hold (often black).
-    if any(b in ("A", "a") for b in img.getbands()) or img.info.get("transparency") is not None:
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-def _array_to_rgb(a: np.ndarray) -> Image.Image:
-    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)  # channels-first input
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise ValueError(f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
-    a = _to_uint8(a)
-    if a.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
-    if a.shape[-1] == 4:
-        # transformers blends numpy RGBA in floating point and rounds; PIL's integer blend can differ by 1.
-        alpha = a[..., 3:] / 255.0
-        a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a))
-
-
-def _open_image(path: Path, draft_size: int | None) -> Image.Image:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such image file: '{path}'")
-    try:
-        with Image.open(path) as img:
-            if draft_size:
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size.
-                img.draft("RGB", (draft_size, draft_size))
-            return ImageOps.exif_transpose(img)  # always a loaded copy, valid after the file closes
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"cannot read image '{path}': {e}") from e
-
-
-def load_image(image, draft_size: int | None = None) -> Image.Image:
-    """Return `image` (a file path, PIL image or numpy array) as an RGB PIL image.
-
-    Files get their EXIF orientation applied. `draft_size` opts into faster, reduced JPEG decoding; the
-    default decodes exactly, as transformers does.
-    """
-    if isinstance(image, (str, Path)):
-        return _pil_to_rgb(_open_image(Path(image), draft_size))
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
-    raise TypeError(f"expected an image path, PIL.Image.Image or numpy array, got {type(image).__name__}")
 
 
 def _read_json(path: Path) -> dict:
@@ -167,8 +80,8 @@ class Blip2ImageProcessor:
         return cls.from_dict(config)
 
     def preprocess(self, image) -> np.ndarray:
-        """One image (anything `load_image` takes) -> float32 (3, H, W). Thread-safe."""
-        img = load_image(image)
+        """One image (anything `open_image` takes) -> float32 (3, H, W). Thread-safe."""
+        img = open_image(image)
         if self.do_resize:
             h, w = self.size["height"], self.size["width"]
             img = img.resize((w, h), resample=Image.Resampling(self.resample), reducing_gap=None)
@@ -234,28 +147,34 @@ class Blip2Processor:
         out = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else text
-            if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-                raise TypeError(f"text must be a str or a non-empty list of str, got {type(text).__name__}")
-            if max_length is not None and self.num_query_tokens is not None:
-                # max_length budgets the image tokens too. transformers subtracts them even for text-only calls.
-                max_length -= self.num_query_tokens
-            enc = self.tokenizer(list(texts), padding=padding, truncation=truncation, max_length=max_length,
-                                 return_token_type_ids=False, return_attention_mask=True)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            if images is not None and self.num_query_tokens is not None:
-                # Image tokens go in front of everything, BOS and any left padding included, and are never
-                # truncated: the model overwrites them with the Q-Former outputs.
-                n = self.num_query_tokens
-                ids = [[self.image_token_id] * n + list(row) for row in ids]
-                mask = [[1] * n + list(row) for row in mask]
-            if return_tensors == "np":
-                if len({len(row) for row in ids}) > 1:
-                    raise ValueError("prompts tokenise to different lengths; pass padding=True to batch them")
-                ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-            out.update(input_ids=ids, attention_mask=mask)
+            out.update(self.encode_text(texts, padding=padding, max_length=max_length, truncation=truncation,
+                                        with_image_tokens=images is not None, return_tensors=return_tensors))
         if images is not None:
             out.update(self.image_processor(images))
         return out
+
+    def encode_text(self, texts, padding=True, max_length=None, truncation=None, with_image_tokens: bool = True,
+                    return_tensors="np") -> dict:
+        """input_ids and attention_mask of prompts, with the image tokens in front when the checkpoint uses them."""
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text must be a str or a non-empty list of str, got {type(texts).__name__}")
+        if max_length is not None and self.num_query_tokens is not None:
+            # max_length budgets the image tokens too. transformers subtracts them even for text-only calls.
+            max_length -= self.num_query_tokens
+        enc = self.tokenizer(list(texts), padding=padding, truncation=truncation, max_length=max_length,
+                             return_token_type_ids=False, return_attention_mask=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if with_image_tokens and self.num_query_tokens is not None:
+            # Image tokens go in front of everything, BOS and any left padding included, and are never
+            # truncated: the model overwrites them with the Q-Former outputs.
+            n = self.num_query_tokens
+            ids = [[self.image_token_id] * n + list(row) for row in ids]
+            mask = [[1] * n + list(row) for row in mask]
+        if return_tensors == "np":
+            if len({len(row) for row in ids}) > 1:
+                raise ValueError("prompts tokenise to different lengths; pass padding=True to batch them")
+            ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode rows of token ids (list of lists, numpy or mlx array)."""

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .generate import GenerationCancelled as Cancelled
+from .generation.decoding import GenerationCancelled as Cancelled
 
 log = logging.getLogger("mlx_blip2.server")
 
@@ -190,7 +190,8 @@ def resolve_options(defaults: dict, options: dict, stream: bool = False) -> dict
     """The keyword arguments ``generate`` gets: the task's recipe overridden by the request, a sampling option
     switching to sampling, exactly as :func:`mlx_blip2.pipeline.generation_options` resolves them for ``caption`` and
     ``ask``. Streams decode without beams. Raises APIError for combinations ``generate`` refuses."""
-    from .pipeline import generation_options
+    from .generation.options import resolve as _resolve
+    generation_options = lambda d, o: {k: v for k, v in _resolve(d, o).to_dict().items() if v is not None}
 
     if stream:
         if options.get("num_beams", 1) != 1:
@@ -626,7 +627,7 @@ class ModelWorker:
             i += n
 
     def _run_stream(self, jobs: list[Job]) -> None:
-        from . import generate as G
+        from .generation import engine as G
 
         (job,) = jobs
         self._check_context(job)
@@ -977,7 +978,7 @@ def create_app(pipeline, **limits):
     base_fields = {"model"}
 
     async def caption(request: Request):
-        from .pipeline import CAPTION_DEFAULTS
+        from .generation.options import CAPTION_DEFAULTS
 
         deadline = time.monotonic() + config.timeout
         require("generate", "/v1/caption")
@@ -993,7 +994,7 @@ def create_app(pipeline, **limits):
         return json_response(out)
 
     async def ask(request: Request):
-        from .pipeline import VQA_DEFAULTS, VQA_TEMPLATE
+        from .generation.options import VQA_DEFAULTS, VQA_TEMPLATE
 
         deadline = time.monotonic() + config.timeout
         require("generate", "/v1/ask")
@@ -1080,7 +1081,7 @@ def create_app(pipeline, **limits):
         return images[0], " ".join(pieces)
 
     async def chat_completions(request: Request):
-        from .pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS
+        from .generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS
 
         deadline = time.monotonic() + config.timeout
         require("generate", "/v1/chat/completions")
@@ -1410,7 +1411,7 @@ def cmd_serve(args) -> int:
     import mlx.core as mx
     import uvicorn
 
-    from .pipeline import DEFAULT_MODEL, load
+    from .pipelines import DEFAULT_MODEL, load
 
     if args.max_batch < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1 or args.timeout <= 0:
         print("error: --max-batch, --max-upload-mb, --max-pixels and --timeout must be positive", file=sys.stderr)

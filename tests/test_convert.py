@@ -24,7 +24,7 @@ from conftest import FIXTURES, OPT_CHECKPOINTS, REFERENCE, rel_error
 from mlx.utils import tree_flatten
 
 from mlx_blip2 import Blip2Config, Blip2ForConditionalGeneration
-from mlx_blip2.loading import CheckpointError
+from mlx_blip2.models.loading import CheckpointError
 from mlx_blip2.quant import quantize_from_config
 
 cm = importlib.import_module("mlx_blip2.convert.convert")  # the module (the package's `convert` is the function)
@@ -168,7 +168,7 @@ def test_config_tokenizer_processor_and_card_are_written(converted):
             assert (out / f).read_bytes() == (FIXTURES / "tiny-blip2-opt" / f).read_bytes()
         card = (out / "README.md").read_text()
         assert card.startswith("---\n") and "library_name: mlx" in card
-        assert "mlx-blip2-convert --hf-path" in card and "mlx_blip2.pipeline import load" in card
+        assert "mlx-blip2-convert --hf-path" in card and "from mlx_blip2 import load" in card
     assert "-q --q-bits 4 --q-group-size 32" in (converted("q4") / "README.md").read_text()
 
 
@@ -385,9 +385,9 @@ def test_t5_conversions(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-blip2-itm", "tiny-blip2-itm-legacy"])
 def test_retrieval_conversions(tmp_path, name):
-    from mlx_blip2.pipeline import load as load_pipeline
-    from mlx_blip2.retrieval import (Blip2ForImageTextRetrieval, Blip2RetrievalPipeline,
-                                     Blip2TextModelWithProjection)
+    from mlx_blip2.pipelines import load as load_pipeline
+    from mlx_blip2.models.retrieval import Blip2ForImageTextRetrieval, Blip2TextModelWithProjection
+    from mlx_blip2.pipelines.retrieval import Blip2RetrievalPipeline
 
     src = FIXTURES / name
     r = dict(np.load(REFERENCE / f"{name}.npz"))
@@ -488,7 +488,7 @@ def test_hub_repo_id_of_a_converted_model(tmp_path, monkeypatch, converted, ref)
 
 
 def test_pipeline_captions_with_a_quantized_conversion(converted):
-    from mlx_blip2.pipeline import load as load_pipeline
+    from mlx_blip2.pipelines import load as load_pipeline
 
     pipe = load_pipeline(converted("q4"))
     caption = pipe.caption(REFERENCE / "image0.png", max_new_tokens=5)
@@ -499,7 +499,7 @@ def test_pipeline_captions_with_a_quantized_conversion(converted):
 def test_legacy_checkpoint_files_are_copied(tmp_path):
     out = convert(FIXTURES / "tiny-blip2-opt-legacy", tmp_path / "legacy", quantize=True, q_group_size=32)
     assert (out / "preprocessor_config.json").exists() and not (out / "processor_config.json").exists()
-    from mlx_blip2.pipeline import load as load_pipeline
+    from mlx_blip2.pipelines import load as load_pipeline
 
     assert isinstance(load_pipeline(out).caption(REFERENCE / "image0.png", max_new_tokens=3), str)
 

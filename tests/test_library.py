@@ -20,7 +20,7 @@ from mlx_blip2.cli import main
 from mlx_blip2.library import (CSV_COLUMNS, ImageFile, Progress, RecordWriter, Summary, XmpError, caption_files,
                                caption_paths, decode, discover, parse_shard, select_shard, shard_index, update_xmp,
                                xmp_description)
-from mlx_blip2.pipeline import load
+from mlx_blip2.pipelines import load
 
 TINY = FIXTURES / "tiny-blip2-opt"
 FAST = {"max_new_tokens": 4, "num_beams": 1}  # tiny-model captions are gibberish; keep them short and greedy

@@ -10,9 +10,10 @@ from conftest import FIXTURES, OPT_CHECKPOINTS, REFERENCE, rel_error
 from reference_cases import GENERATION_CASES
 
 from mlx_blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Model
-from mlx_blip2.config import ConfigError, OPTConfig
-from mlx_blip2.loading import CheckpointError
-from mlx_blip2.opt import OPTForCausalLM
+from mlx_blip2.models.base import ConfigError
+from mlx_blip2.models.opt import OPTConfig
+from mlx_blip2.models.loading import CheckpointError
+from mlx_blip2.models.opt import OPTForCausalLM
 
 CASES = ["single", "nopro", "batch", "vqa"]
 
@@ -253,7 +254,7 @@ def test_other_resolutions_interpolate_the_position_grid(loaded):
 def test_cpu_gelu_is_exact_gelu():
     import mlx.nn as nn
 
-    from mlx_blip2.cpu_math import gelu
+    from mlx_blip2.models.cpu_math import gelu
 
     x = mx.concatenate([mx.linspace(-12, 12, 100001), mx.random.normal((10000,)) * 3])
     expected = np.array(nn.gelu(x), dtype=np.float64)
@@ -263,7 +264,7 @@ def test_cpu_gelu_is_exact_gelu():
 
 
 def test_cpu_softmax_and_attention_match_exact():
-    from mlx_blip2.cpu_math import scaled_dot_product_attention, softmax
+    from mlx_blip2.models.cpu_math import scaled_dot_product_attention, softmax
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(4, 3, 17, 33)) * 8

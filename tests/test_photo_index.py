@@ -22,7 +22,7 @@ from mlx_blip2.photo_index import (
     index_paths,
     search,
 )
-from mlx_blip2.retrieval import load_retrieval
+from mlx_blip2.pipelines.retrieval import load_retrieval
 
 TINY = FIXTURES / "tiny-blip2-itm"
 QUERY = "a photo of a cat"

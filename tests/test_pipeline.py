@@ -10,7 +10,8 @@ from PIL import Image
 from reference_cases import PROMPTS, make_images
 
 from mlx_blip2.cli import main
-from mlx_blip2.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS, load
+from mlx_blip2.generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS
+from mlx_blip2.pipelines import load
 from mlx_blip2.processing import Blip2Processor
 
 TINY = FIXTURES / "tiny-blip2-opt"

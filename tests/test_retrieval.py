@@ -12,16 +12,15 @@ import pytest
 from conftest import FIXTURES, REFERENCE, rel_error
 from reference_cases import make_images
 
-from mlx_blip2.loading import CheckpointError
-from mlx_blip2.pipeline import Blip2Pipeline, load
+from mlx_blip2.models.loading import CheckpointError
+from mlx_blip2.pipelines import Blip2Pipeline, load
 from mlx_blip2.processing import Blip2Processor
-from mlx_blip2.retrieval import (
+from mlx_blip2.models.retrieval import (
     Blip2ForImageTextRetrieval,
-    Blip2RetrievalPipeline,
     Blip2TextModelWithProjection,
     Blip2VisionModelWithProjection,
-    load_retrieval,
 )
+from mlx_blip2.pipelines.retrieval import Blip2RetrievalPipeline, load_retrieval
 
 ITM_CHECKPOINTS = ["tiny-blip2-itm", "tiny-blip2-itm-legacy"]
 

@@ -23,7 +23,8 @@ from PIL import Image
 from reference_cases import make_images
 
 from mlx_blip2 import generate as G
-from mlx_blip2.pipeline import VQA_DEFAULTS, load
+from mlx_blip2.generation.options import VQA_DEFAULTS
+from mlx_blip2.pipelines import load
 from mlx_blip2.server import BackgroundServer, create_app, missing_server_packages
 
 if missing_server_packages():  # the web stack is the `server` extra
@@ -727,7 +728,7 @@ def test_process_exits_cleanly_after_serving():
     import sys
 
     script = (
-        "from mlx_blip2.pipeline import load; from mlx_blip2.server import BackgroundServer, create_app\n"
+        "from mlx_blip2.pipelines import load; from mlx_blip2.server import BackgroundServer, create_app\n"
         "import json, urllib.request\n"
         f"app = create_app(load({str(FIXTURES / 'tiny-blip2-opt')!r}))\n"
         "with BackgroundServer(app) as s:\n"

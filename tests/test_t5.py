@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE, rel_error
 
-import mlx_blip2.t5 as t5
-from mlx_blip2.config import ConfigError
-from mlx_blip2.t5 import FP32_SUFFIXES, T5Config, T5ForConditionalGeneration, clamp_fp16, relative_position_bucket
+import mlx_blip2.models.t5 as t5
+from mlx_blip2.models.base import ConfigError
+from mlx_blip2.models.t5 import FP32_SUFFIXES, T5Config, T5ForConditionalGeneration, clamp_fp16, relative_position_bucket
 
 NAME = "tiny-blip2-flan-t5"
 CASES = ["single", "batch"]

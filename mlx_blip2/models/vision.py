@@ -11,16 +11,22 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import Blip2VisionConfig
-from .cpu_math import gelu, scaled_dot_product_attention
-
-ACT = {"gelu": gelu, "gelu_new": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu, "quick_gelu": nn.gelu_fast_approx}
+from .base import ACT, BaseConfig, BaseModelOutputWithPooling
+from .cpu_math import scaled_dot_product_attention
 
 
 @dataclass
-class BaseModelOutputWithPooling:
-    last_hidden_state: mx.array
-    pooler_output: mx.array | None = None
+class Blip2VisionConfig(BaseConfig):
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    num_channels: int = 3
 
 
 class Blip2VisionEmbeddings(nn.Module):

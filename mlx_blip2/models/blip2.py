@@ -7,27 +7,85 @@ not: the projected queries are prepended to the prompt embeddings, and the logit
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import Blip2Config
+from .base import (BaseConfig, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
+                   ConfigError, as_array, check_pixel_values)
 from .loading import CheckpointError, load_safetensors, resolve_checkpoint
-from .opt import OPTForCausalLM
-from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
-from .t5 import T5ForConditionalGeneration
-from .qformer import BaseModelOutputWithPoolingAndCrossAttentions, Blip2QFormerModel
+from .opt import OPTConfig, OPTForCausalLM
+from .qformer import Blip2QFormerConfig, Blip2QFormerModel
 from .quant import quantize_from_config
-from .vision import BaseModelOutputWithPooling, Blip2VisionModel
+from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
+from .t5 import T5Config, T5ForConditionalGeneration
+from .vision import Blip2VisionConfig, Blip2VisionModel
 
 LANGUAGE_MODELS = {"opt": OPTForCausalLM, "t5": T5ForConditionalGeneration}
+TEXT_CONFIGS = {"opt": OPTConfig, "t5": T5Config}
 # transformers keeps these in float32 whatever the model's dtype (``_keep_in_fp32_modules``).
 FP32_PREFIXES = ("qformer.", "query_tokens")
+
+
+@dataclass
+class Blip2Config(BaseConfig):
+    vision_config: Blip2VisionConfig = field(default_factory=Blip2VisionConfig)
+    qformer_config: Blip2QFormerConfig = field(default_factory=Blip2QFormerConfig)
+    text_config: Any = field(default_factory=OPTConfig)
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256
+    image_token_index: Optional[int] = None
+    model_type: str = "blip-2"
+    quantization: Optional[dict] = None
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], source: str = "config.json",
+                  require_text_config: bool = True) -> "Blip2Config":
+        """``require_text_config=False`` for retrieval checkpoints, which have no language model."""
+        params = dict(params)
+        text = params.get("text_config")
+        if not require_text_config and not isinstance(text, dict):
+            text = {"model_type": "opt"}
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: missing required key 'text_config' (the language model's configuration)")
+        text_type = text.get("model_type", "opt")
+        if text_type not in TEXT_CONFIGS:
+            raise ConfigError(
+                f"{source}: text_config.model_type={text_type!r} is not supported (supported: opt, t5)"
+            )
+        params["text_config"] = TEXT_CONFIGS[text_type].from_dict(text)
+        params["vision_config"] = Blip2VisionConfig.from_dict(params.get("vision_config") or {})
+        qformer = dict(params.get("qformer_config") or {})
+        # transformers overrides the Q-Former's cross-attention width with the vision width.
+        qformer["encoder_hidden_size"] = params["vision_config"].hidden_size
+        params["qformer_config"] = Blip2QFormerConfig.from_dict(qformer)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @classmethod
+    def from_file(cls, path: str | Path, require_text_config: bool = True) -> "Blip2Config":
+        path = Path(path)
+        try:
+            params = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(params, source=str(path), require_text_config=require_text_config)
+
+    @property
+    def use_decoder_only_language_model(self) -> bool:
+        return not getattr(self.text_config, "is_encoder_decoder", False)
+
 
 
 @dataclass
@@ -41,28 +99,6 @@ class Blip2ForConditionalGenerationModelOutput:
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
     language_model_outputs: Any = None
-
-
-def as_array(x, name: str, ndim: int, dtype=None) -> mx.array:
-    """numpy, mx, lists or torch tensors -> mx.array of the expected rank."""
-    if x is None:
-        return None
-    if hasattr(x, "detach"):  # a torch tensor from a transformers processor
-        x = x.detach().cpu().numpy()
-    x = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    return x if dtype is None else x.astype(dtype)
-
-
-def check_pixel_values(pixel_values, num_channels: int) -> mx.array:
-    pixel_values = as_array(pixel_values, "pixel_values", 4)
-    if pixel_values.shape[1] != num_channels:
-        raise ValueError(
-            f"pixel_values must be (batch, {num_channels}, height, width) as the processor returns them, "
-            f"got shape {tuple(pixel_values.shape)}"
-        )
-    return pixel_values
 
 
 class Blip2Model(nn.Module):
@@ -235,6 +271,6 @@ class Blip2ForConditionalGeneration(Blip2Model):
 
         See :func:`mlx_blip2.generate.generate` for the options.
         """
-        from .generate import generate
+        from ..generation.generate import generate
 
         return generate(self, pixel_values, input_ids, attention_mask, **kwargs)

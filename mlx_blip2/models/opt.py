@@ -6,11 +6,41 @@ blocks (``do_layer_norm_before``), ReLU, optional ``project_in``/``project_out``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import OPTConfig
-from .vision import ACT
+from .base import ACT, BaseConfig
+
+
+
+@dataclass
+class OPTConfig(BaseConfig):
+    model_type: str = "opt"
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: Optional[int] = None
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: Any = 2
+    is_encoder_decoder: bool = False
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+
 
 POSITION_OFFSET = 2  # OPT's position table starts two rows in (a fairseq legacy).
 

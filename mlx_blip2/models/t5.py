@@ -21,9 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from .config import ConfigError, _FromDict
+from .base import ACT, BaseConfig, ConfigError
 from .quant import compute_dtype
-from .vision import ACT
 
 ACTIVATIONS = {**ACT, "gelu_pytorch_tanh": nn.gelu_approx}
 # transformers keeps these weights in float32 when a T5 is loaded in half precision (``_keep_in_fp32_modules``);
@@ -32,7 +31,7 @@ FP32_SUFFIXES = ("DenseReluDense.wo.weight",)
 
 
 @dataclass
-class T5Config(_FromDict):
+class T5Config(BaseConfig):
     model_type: str = "t5"
     vocab_size: int = 32128
     d_model: int = 512

@@ -1,23 +1,18 @@
-"""Token generation for BLIP-2: greedy, sampling and beam search, with transformers' semantics.
+"""Decoding strategies with transformers' semantics: greedy, sampling and beam search over a KV cache.
 
-The image is encoded once; the language model then runs a lazy decode loop over a KV cache. Each greedy or
-sampling step builds one graph and queues the next with ``mx.async_eval`` before the current token is read, so the
-host never waits on the device between steps (as mlx-lm does). Beam search keeps its bookkeeping on the host, in
-the order transformers' ``_beam_search`` does it, so that the ids are identical.
+Each greedy or sampling step builds one graph and queues the next with ``mx.async_eval`` before the current token is
+read, so the host never waits on the device between steps (as mlx-lm does). Beam search keeps its bookkeeping on
+the host, in the order transformers' ``_beam_search`` does it, so that the ids are identical.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
-from mlx_lm.sample_utils import make_sampler
-
-from .blip2 import Blip2Model, check_pixel_values
 
 NEG_INF = -float("inf")
 
@@ -98,7 +93,7 @@ class CancellableRunner:
         return getattr(self.runner, name)
 
 
-def make_runner(model: Blip2Model, inputs_embeds: mx.array, attention_mask: mx.array):
+def make_runner(model, inputs_embeds: mx.array, attention_mask: mx.array):
     lm = model.language_model
     if model.config.use_decoder_only_language_model:
         return DecoderOnlyRunner(lm, inputs_embeds, attention_mask)
@@ -277,196 +272,3 @@ def beam_search(
     out = finished[:, :num_return_sequences].reshape(B * num_return_sequences, -1)
     length = int(finished_len[:, :num_return_sequences].max())
     return out[:, :length].tolist()
-
-
-# --- the entry points ------------------------------------------------------------------------------------------
-
-
-def _eos_ids(model: Blip2Model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        eos_token_id = model.config.text_config.eos_token_id
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
-def check_options(max_new_tokens: int = 20, num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-                  do_sample: bool = False, **_) -> None:
-    """Raise ValueError for generation options out of range (before any work is done)."""
-    checks = [
-        (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
-        (num_beams >= 1, f"num_beams must be >= 1, got {num_beams}"),
-        (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
-        (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
-        (top_k >= 0, f"top_k must be >= 0, got {top_k}"),
-        (0 <= min_p <= 1, f"min_p must be in [0, 1], got {min_p}"),
-        (repetition_penalty > 0, f"repetition_penalty must be > 0, got {repetition_penalty}"),
-        (1 <= num_return_sequences <= num_beams, "num_return_sequences must be between 1 and num_beams"),
-        (not (do_sample and num_beams > 1), "sampling with beams (beam-sample) is not supported"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-@dataclass
-class PreparedInputs:
-    inputs_embeds: mx.array
-    attention_mask: mx.array
-    prompt_ids: list[list[int]]  # what transformers' logits processors see as input_ids
-
-
-def prepare_inputs(model: Blip2Model, pixel_values=None, input_ids=None, attention_mask=None,
-                   image_features=None, interpolate_pos_encoding: bool = False) -> PreparedInputs:
-    if image_features is None:
-        if pixel_values is None:
-            raise ValueError("pass pixel_values (or image_features from model.encode_images)")
-        pixel_values = check_pixel_values(pixel_values, model.config.vision_config.num_channels)
-        image_features = model.encode_images(pixel_values, interpolate_pos_encoding)
-    embeds, mask = model.merge_image_features(image_features, input_ids, attention_mask)
-    if not model.config.use_decoder_only_language_model:
-        prompt = [[model.language_model.config.decoder_start_token_id]] * embeds.shape[0]
-    elif model.config.image_token_index is None:
-        prompt = [[] for _ in range(embeds.shape[0])]  # transformers 4.45 generated from embeddings alone
-    else:
-        ids = model.default_input_ids(embeds.shape[0]) if input_ids is None else input_ids
-        prompt = np.asarray(ids).tolist()
-    return PreparedInputs(embeds, mask, prompt)
-
-
-def generate(
-    model: Blip2Model,
-    pixel_values=None,
-    input_ids=None,
-    attention_mask=None,
-    *,
-    image_features: mx.array | None = None,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    num_beams: int = 1,
-    num_return_sequences: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    seed: int | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    interpolate_pos_encoding: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-) -> mx.array:
-    """Generate new token ids for a batch of images and (optional) prompts; returns (B * num_return_sequences, T).
-
-    Options follow transformers' ``generate``: greedy by default, beam search with ``num_beams > 1``, sampling
-    (temperature, top-k, top-p, min-p; reproducible with ``seed``) with ``do_sample=True``. ``image_features`` (from
-    ``model.encode_images``) may replace ``pixel_values`` so that several prompts on one image encode it once.
-    ``should_stop()``, checked before every decode step, cancels the generation with ``GenerationCancelled``.
-    """
-    check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty,
-                  num_return_sequences, do_sample)
-    inputs = prepare_inputs(model, pixel_values, input_ids, attention_mask, image_features, interpolate_pos_encoding)
-    if pad_token_id is None:
-        pad_token_id = model.config.text_config.pad_token_id
-    runner, sampler, processors = start_decoding(
-        model, inputs, eos_token_id=eos_token_id, min_new_tokens=min_new_tokens,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-    )
-    if should_stop is not None:
-        runner = CancellableRunner(runner, should_stop)
-    if num_beams > 1:
-        rows = beam_search(runner, num_beams=num_beams, max_new_tokens=max_new_tokens, processors=processors,
-                           pad_token_id=pad_token_id, length_penalty=length_penalty, early_stopping=early_stopping,
-                           num_return_sequences=num_return_sequences)
-        return mx.array(rows, dtype=mx.int32)
-    steps = list(generate_step(runner, max_new_tokens=max_new_tokens, sampler=sampler, processors=processors,
-                               pad_token_id=pad_token_id or 0))
-    return mx.array(steps, dtype=mx.int32).T
-
-
-def start_decoding(model: Blip2Model, inputs: PreparedInputs, *, eos_token_id, min_new_tokens: int,
-                   repetition_penalty: float, no_repeat_ngram_size: int, do_sample: bool, temperature: float,
-                   top_k: int, top_p: float, min_p: float, seed: int | None):
-    """Prefill the language model and build the sampler and logits processors: (runner, sampler, processors)."""
-    processors = LogitsProcessors(min_new_tokens, repetition_penalty, no_repeat_ngram_size,
-                                  _eos_ids(model, eos_token_id))
-    if processors.needs_history:
-        processors.history = inputs.prompt_ids
-    sampler = greedy
-    if do_sample:
-        if seed is not None:
-            mx.random.seed(seed)
-        sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
-    return make_runner(model, inputs.inputs_embeds, inputs.attention_mask), sampler, processors
-
-
-@dataclass
-class GenerationResponse:
-    """One streamed piece of text; the last one also carries the statistics (as mlx-lm reports them)."""
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0  # GB
-
-
-def stream_generate(model: Blip2Model, processor, image, prompt: str | None = None, *, max_new_tokens: int = 20,
-                    min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                    no_repeat_ngram_size: int = 0, seed: int | None = None, eos_token_id=None,
-                    pad_token_id: int | None = None) -> Iterator[GenerationResponse]:
-    """Yield the text of one image's generation piece by piece as tokens arrive (greedy or sampling).
-
-    Options as :func:`generate`; ``pad_token_id`` is accepted for symmetry and unused (one row never pads).
-    """
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    from .processing import load_image
-
-    if num_beams != 1:
-        raise ValueError("streaming needs num_beams=1: beam search only knows its text at the end")
-    check_options(max_new_tokens, num_beams, temperature, top_p, top_k, min_p, repetition_penalty, 1, do_sample)
-    tic = time.perf_counter()
-    enc = processor(images=[load_image(image)], text=None if prompt is None else [prompt])
-    inputs = prepare_inputs(model, enc["pixel_values"], enc.get("input_ids"), enc.get("attention_mask"))
-    runner, sampler, processors = start_decoding(
-        model, inputs, eos_token_id=eos_token_id, min_new_tokens=min_new_tokens,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-    )
-    eos_ids = processors.eos_ids
-    mx.eval(runner.first_logits)
-    prompt_tokens = inputs.inputs_embeds.shape[1]
-    prompt_tps = prompt_tokens / (time.perf_counter() - tic)
-
-    detokenizer = TokenizerWrapper(processor.tokenizer).detokenizer
-    detokenizer.reset()
-    # Skipped, as batch_decode(skip_special_tokens=True) does (added special tokens such as <image> included).
-    tok = processor.tokenizer
-    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    tic, n, reason = time.perf_counter(), 0, "length"
-    for n, (token,) in enumerate(generate_step(runner, max_new_tokens=max_new_tokens, sampler=sampler,
-                                               processors=processors, pad_token_id=0), start=1):
-        if token in eos_ids:
-            reason = "stop"
-            break
-        if token in special:
-            continue
-        detokenizer.add_token(token)
-        segment = detokenizer.last_segment  # reading it consumes it
-        if segment:
-            yield GenerationResponse(segment, token)
-    detokenizer.finalize()
-    elapsed = max(time.perf_counter() - tic, 1e-9)
-    yield GenerationResponse(detokenizer.last_segment, None, reason, prompt_tokens, prompt_tps, n, n / elapsed,
-                             mx.get_peak_memory() / 1e9)

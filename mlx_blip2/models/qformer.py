@@ -12,22 +12,24 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import Blip2QFormerConfig
+from .base import ACT, BaseConfig, BaseModelOutputWithPoolingAndCrossAttentions, additive_mask
 from .cpu_math import scaled_dot_product_attention
-from .vision import ACT
 
 
 @dataclass
-class BaseModelOutputWithPoolingAndCrossAttentions:
-    last_hidden_state: mx.array
-    pooler_output: mx.array | None = None
-
-
-def additive_mask(mask: mx.array | None, dtype) -> mx.array | None:
-    """(B, S) keep-mask of 1/0 -> (B, 1, 1, S) additive mask."""
-    if mask is None:
-        return None
-    return mx.where(mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
+class Blip2QFormerConfig(BaseConfig):
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    use_qformer_text_input: bool = False
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

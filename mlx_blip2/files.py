@@ -1,0 +1,101 @@
+"""One way to find image files under the paths a user gives (``caption`` and ``index`` both use it).
+
+Rules: folder contents are sorted, file arguments kept in the order given, each file found once. Hidden files and
+folders are skipped, macOS AppleDouble ``._photo.jpg`` files included (they carry an image extension but are not
+images). Symlinked folders are followed, once each: a link back up the tree (a loop) is not entered again. Names
+that are not valid UTF-8 are kept exactly as the file system gives them (``os.fsdecode``'s surrogate escapes);
+:func:`display_path` shows them in valid UTF-8.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .images import is_image_path
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str  # absolute; os.fsencode(path) gives the file system's bytes back
+    display: str  # as the user would write it (the argument, joined with the part found below it)
+    key: str  # shard key: the path below the folder argument it was found in (the name for file arguments)
+
+
+@dataclass
+class FoundFiles:
+    files: list[ImageFile] = field(default_factory=list)
+    ignored: int = 0  # files without an image extension
+    roots: list[str] = field(default_factory=list)  # absolute folder arguments
+    named: set[str] = field(default_factory=set)  # absolute file arguments
+    recursive: bool = False
+
+    def in_scope(self, path: str) -> bool:
+        """Whether ``path`` lies in what was searched (for removing entries of deleted files)."""
+        if path in self.named:
+            return True
+        parent = os.path.dirname(path)
+        return any(parent == r or (self.recursive and path.startswith(r.rstrip(os.sep) + os.sep)) for r in self.roots)
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")  # dot files, and AppleDouble "._name" resource forks
+
+
+def display_path(path: str) -> str:
+    """A path as valid UTF-8 text: undecodable bytes shown as U+FFFD (for people; records keep the exact path)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _walk(top: str, recursive: bool):
+    """(folder, sorted file names) under ``top``, following symlinked folders once each."""
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second route
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d)) if recursive else []
+        yield root, sorted(names)
+
+
+def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> FoundFiles:
+    """The images among ``inputs`` (files and folders). A missing input raises FileNotFoundError."""
+    found = FoundFiles(recursive=recursive)
+    index: dict[str, ImageFile] = {}
+
+    def add(path: str, key: str) -> None:
+        absolute = os.path.abspath(path)
+        if absolute not in index:
+            index[absolute] = ImageFile(absolute, path, key)
+
+    for arg in map(os.fspath, inputs):
+        arg = os.fsdecode(arg)
+        if os.path.isdir(arg):
+            found.roots.append(os.path.abspath(arg))
+            for root, names in _walk(arg, recursive):
+                for name in names:
+                    path = os.path.join(root, name)
+                    if is_hidden(name) or not os.path.isfile(path):
+                        continue
+                    if not is_image_path(name):
+                        found.ignored += 1
+                        continue
+                    add(path, Path(os.path.relpath(path, arg)).as_posix())
+        elif os.path.isfile(arg):
+            found.named.add(os.path.abspath(arg))
+            if is_image_path(arg):
+                add(arg, os.path.basename(arg))
+            else:
+                found.ignored += 1
+        else:
+            raise FileNotFoundError(f"no such file or folder: '{display_path(arg)}'")
+    found.files = list(index.values())
+    return found
