@@ -1004,7 +1004,7 @@ exit status: 0 every image captioned (or skipped), 1 some failed (listed at the 
 
 def add_caption_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `caption` subcommand on an argparse subparsers object."""
-    from .cli import add_generation_args, add_model_args
+    from .cli.common import add_generation_args, add_model_args
 
     p = subparsers.add_parser(
         "caption", help="caption images, folders and photo libraries",
@@ -1052,7 +1052,7 @@ def cmd_caption(args) -> int:
 
         return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None)
 
-    from .cli import generation_kwargs
+    from .cli.common import generation_kwargs
 
     err = sys.stderr
     try:

@@ -35,7 +35,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise CheckpointError(
             f"'{repo_id}' is not in the Hugging Face cache and {why}; download it once with network access "
-            f"(huggingface-cli download {repo_id}) or pass a local directory"
+            f"(hf download {repo_id}) or pass a local directory"
         ) from e
     except RepositoryNotFoundError as e:
         raise CheckpointError(f"'{repo_id}' is neither a local directory nor a Hub repository") from e

@@ -7,7 +7,7 @@ import os
 import mlx.core as mx
 
 from ..models.loading import CheckpointError, resolve_checkpoint
-from ..models.retrieval import architectures
+from ..models.retrieval import RETRIEVAL_ARCHITECTURES, architectures
 from .captioning import Blip2Pipeline
 from .retrieval import Blip2RetrievalPipeline
 
@@ -34,12 +34,18 @@ def load(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: mx.Dtype | N
     )
 
 
-def require(pipe, kind: str, command: str):
-    """``pipe`` when it is a ``kind`` ("captioning" or "retrieval") pipeline, else CheckpointError saying which
-    kind of checkpoint ``command`` needs."""
-    if getattr(pipe, "kind", None) == kind:
-        return pipe
-    examples = {"captioning": "Salesforce/blip2-opt-2.7b or Salesforce/blip2-flan-t5-xl",
-                "retrieval": "Salesforce/blip2-itm-vit-g"}
-    raise CheckpointError(f"'{command}' needs a {kind} checkpoint (such as {examples[kind]}); the one given is a "
-                          f"{getattr(pipe, 'kind', 'different')} checkpoint")
+KINDS = {"captioning": "Salesforce/blip2-opt-2.7b or Salesforce/blip2-flan-t5-xl",
+         "retrieval": "Salesforce/blip2-itm-vit-g"}
+
+
+def checkpoint_kind(architectures: list[str]) -> str:
+    """"retrieval" for Blip2ForImageTextRetrieval (and its halves), else "captioning"."""
+    return "retrieval" if any(a in RETRIEVAL_ARCHITECTURES for a in architectures) else "captioning"
+
+
+def require_kind(architectures: list[str], kind: str, command: str) -> None:
+    """CheckpointError (a ValueError: exit status 2) when a checkpoint is not of the ``kind`` ``command`` needs."""
+    found = checkpoint_kind(architectures)
+    if found != kind:
+        raise CheckpointError(f"'{command}' needs a {kind} checkpoint (such as {KINDS[kind]}); the one given is a "
+                              f"{found} checkpoint ({', '.join(architectures) or 'no architectures listed'})")

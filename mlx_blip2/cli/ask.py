@@ -1,0 +1,38 @@
+"""``mlx-blip2 ask IMAGE QUESTION``: visual question answering, optionally streamed."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import add_generation_args, add_model_args, generation_kwargs, load_pipeline
+
+
+def add_parser(sub):
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="the question")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy or sampling)")
+    add_model_args(p)
+    add_generation_args(p)
+    return p
+
+
+def run(args) -> int:
+    pipe = load_pipeline(args, "captioning", "ask")
+    if not args.stream:
+        print(pipe.ask(args.image, args.question, **generation_kwargs(args)))
+        return 0
+    from ..generation.engine import Row
+    from ..generation.options import resolve
+
+    options = resolve(pipe.vqa_defaults, generation_kwargs(args), stream=True)
+    response = None
+    for response in pipe.engine.stream(Row(image=args.image, prompt=pipe.vqa_template.format(args.question)),
+                                       options):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print(f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; generation: "
+              f"{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; peak memory: "
+              f"{response.peak_memory:.2f} GB", file=sys.stderr)
+    return 0
