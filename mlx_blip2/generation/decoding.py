@@ -190,17 +190,9 @@ def greedy(logprobs: mx.array) -> mx.array:
 # --- beam search -----------------------------------------------------------------------------------------------
 
 
-def beam_search(
-    runner,
-    *,
-    num_beams: int,
-    max_new_tokens: int,
-    processors: LogitsProcessors,
-    pad_token_id: int | None,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    num_return_sequences: int = 1,
-) -> list[list[int]]:
+def beam_search(runner, *, num_beams: int, max_new_tokens: int, processors: LogitsProcessors,
+                pad_token_id: int | None, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                num_return_sequences: int = 1) -> list[list[int]]:
     """Beam search as transformers 4.50+ runs it; returns num_return_sequences rows per input, new tokens only."""
     eos = list(processors.eos_ids)
     B = runner.first_logits.shape[0]
