@@ -4,7 +4,8 @@ Rules: folder contents are sorted, file arguments kept in the order given, each 
 folders are skipped, macOS AppleDouble ``._photo.jpg`` files included (they carry an image extension but are not
 images). Symlinked folders are followed, once each: a link back up the tree (a loop) is not entered again. Names
 that are not valid UTF-8 are kept exactly as the file system gives them (``os.fsdecode``'s surrogate escapes);
-:func:`display_path` shows them in valid UTF-8.
+:func:`display_path` shows them in valid UTF-8. A RAW file with a JPEG or HEIC of the same name beside it (the
+camera's RAW+JPEG pair) is one image: the JPEG, with the RAW named in ``ImageFile.raw``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .images import is_image_path
+from .images import is_image_path, is_raw_path
+
+DEVELOPED_EXTENSIONS = (".jpg", ".jpeg", ".heic", ".heif", ".hif")  # preferred over a RAW of the same stem
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class ImageFile:
     path: str  # absolute; os.fsencode(path) gives the file system's bytes back
     display: str  # as the user would write it (the argument, joined with the part found below it)
     key: str  # shard key: the path below the folder argument it was found in (the name for file arguments)
+    raw: str | None = None  # the RAW file this JPEG/HEIC was developed from (same folder, same name)
 
 
 @dataclass
@@ -66,29 +70,46 @@ def _walk(top: str, recursive: bool):
         yield root, sorted(names)
 
 
+def _pairs(names: list[str]) -> tuple[dict[str, str], set[str]]:
+    """RAW+JPEG pairs in one folder: (developed name -> RAW name, RAW names to skip)."""
+    developed = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in DEVELOPED_EXTENSIONS:
+            developed.setdefault(stem.lower(), name)
+    pairs = {}
+    for name in names:
+        stem = os.path.splitext(name)[0].lower()
+        if is_raw_path(name) and stem in developed:
+            pairs[developed[stem]] = name
+    return pairs, set(pairs.values())
+
+
 def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> FoundFiles:
     """The images among ``inputs`` (files and folders). A missing input raises FileNotFoundError."""
     found = FoundFiles(recursive=recursive)
     index: dict[str, ImageFile] = {}
 
-    def add(path: str, key: str) -> None:
+    def add(path: str, key: str, raw: str | None = None) -> None:
         absolute = os.path.abspath(path)
         if absolute not in index:
-            index[absolute] = ImageFile(absolute, path, key)
+            index[absolute] = ImageFile(absolute, path, key, raw and os.path.abspath(raw))
 
     for arg in map(os.fspath, inputs):
         arg = os.fsdecode(arg)
         if os.path.isdir(arg):
             found.roots.append(os.path.abspath(arg))
             for root, names in _walk(arg, recursive):
+                pairs, paired_raws = _pairs(names)
                 for name in names:
                     path = os.path.join(root, name)
-                    if is_hidden(name) or not os.path.isfile(path):
+                    if is_hidden(name) or name in paired_raws or not os.path.isfile(path):
                         continue
                     if not is_image_path(name):
                         found.ignored += 1
                         continue
-                    add(path, Path(os.path.relpath(path, arg)).as_posix())
+                    raw = os.path.join(root, pairs[name]) if name in pairs else None
+                    add(path, Path(os.path.relpath(path, arg)).as_posix(), raw)
         elif os.path.isfile(arg):
             found.named.add(os.path.abspath(arg))
             if is_image_path(arg):

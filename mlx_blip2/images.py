@@ -31,7 +31,11 @@ IMAGE_EXTENSIONS = frozenset({
     ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
     ".heic", ".heif", ".hif",  # HEIF (pillow-heif)
     ".avif",  # AVIF (Pillow >= 11.3)
+    ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2",  # RAW: the embedded preview (rawpy)
 })
+RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
+# LibRaw's ``flip`` as the PIL transposition that shows the preview upright.
+_RAW_FLIPS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 DEFAULT_MAX_PIXELS = 200_000_000  # a 200-megapixel decode is 600 MB of RGB; beyond that, a decompression bomb
 
 
@@ -45,6 +49,10 @@ class ImageTooLargeError(ImageLoadError):
 
 def is_image_path(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fsdecode(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_raw_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fsdecode(path))[1].lower() in RAW_EXTENSIONS
 
 
 def available_formats() -> tuple[str, ...]:
@@ -142,6 +150,27 @@ def _decode(fp, name: str, max_pixels: int | None) -> Image.Image:
                              f"{str(e)[:120] or type(e).__name__})") from None
 
 
+def _open_raw(path: str, label: str, max_pixels: int | None) -> Image.Image:
+    """A RAW file's embedded preview (the camera's own JPEG or bitmap), read with LibRaw through rawpy: developing
+    the sensor data would take seconds and look no better to the model."""
+    try:
+        import rawpy
+    except ImportError:
+        raise ImageLoadError(f"{label} is a RAW file; reading RAW files needs rawpy: "
+                             "pip install 'mlx-blip2[raw]'") from None
+    try:
+        with rawpy.imread(path) as raw:
+            thumb, flip = raw.extract_thumb(), raw.sizes.flip
+    except rawpy.LibRawNoThumbnailError:
+        raise ImageLoadError(f"{label} has no embedded preview to read") from None
+    except (rawpy.LibRawError, OSError, ValueError) as e:
+        raise ImageLoadError(f"{label} is not a readable RAW file ({type(e).__name__}: {str(e)[:120]})") from None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        return _decode(io.BytesIO(thumb.data), f"{label} (its embedded preview)", max_pixels)
+    image = array_to_rgb(np.asarray(thumb.data))
+    return image.transpose(_RAW_FLIPS[flip]) if flip in _RAW_FLIPS else image
+
+
 def open_image(image, *, name: str | None = None, max_bytes: int | None = None,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """``image`` (a file path, bytes, PIL image or numpy array) as an RGB PIL image.
@@ -160,6 +189,8 @@ def open_image(image, *, name: str | None = None, max_bytes: int | None = None,
             raise ImageLoadError(f"{label} is empty (0 bytes)")
         if max_bytes is not None and size > max_bytes:
             raise ImageTooLargeError(f"{label} is {_size(size)}; the limit is {_size(max_bytes)}")
+        if is_raw_path(path):
+            return _open_raw(path, label, max_pixels)
         try:
             with open(path, "rb") as f:
                 return _decode(f, label, max_pixels)

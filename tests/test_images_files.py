@@ -119,3 +119,30 @@ def test_names_that_are_not_utf8_round_trip(tmp_path):
     assert display_path(found.path).endswith("caf\ufffd.jpg")
     display_path(found.path).encode("utf-8")  # valid UTF-8 for people and tools
     assert open_image(found.path).size == make_images()[0].size
+
+
+# --- RAW files ---------------------------------------------------------------------------------------------------
+
+
+def test_raw_files_open_through_their_embedded_preview(tmp_path):
+    from raw_files import write_dng
+
+    preview = np.asarray(make_images()[1])
+    write_dng(tmp_path / "IMG_1.DNG", preview)
+    assert np.array_equal(np.asarray(open_image(tmp_path / "IMG_1.DNG")), preview)
+    write_dng(tmp_path / "bare.dng", None)
+    with pytest.raises(ImageLoadError, match="bare.dng.*(no embedded preview|not a readable RAW)"):
+        open_image(tmp_path / "bare.dng")
+    (tmp_path / "broken.nef").write_bytes(b"II*\x00" + os.urandom(2000))
+    with pytest.raises(ImageLoadError, match="broken.nef.*not a readable RAW file"):
+        open_image(tmp_path / "broken.nef")
+
+
+def test_a_raw_beside_its_jpeg_is_one_image(tmp_path):
+    for name in ("IMG_2.CR2", "IMG_2.JPG", "IMG_3.nef", "IMG_4.ARW", "IMG_4.heic"):
+        (tmp_path / name).write_bytes(b"x")
+    files = find_images([tmp_path]).files
+    assert [(f.key, f.raw and os.path.basename(f.raw)) for f in files] == [
+        ("IMG_2.JPG", "IMG_2.CR2"), ("IMG_3.nef", None), ("IMG_4.heic", "IMG_4.ARW")]
+    # Named explicitly, a RAW is read even when its JPEG exists.
+    assert [f.key for f in find_images([tmp_path / "IMG_2.CR2"]).files] == ["IMG_2.CR2"]
