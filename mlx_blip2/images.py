@@ -117,7 +117,7 @@ def _size(n: float) -> str:
 
 
 def _format_hint(name: str) -> str:
-    ext = os.path.splitext(name)[1].lower()
+    ext = os.path.splitext(name.strip("'"))[1].lower()  # labels quote paths
     if ext in (".heic", ".heif", ".hif") and not HEIF_SUPPORTED:
         return " (HEIC/HEIF needs pillow-heif: pip install pillow-heif)"
     if ext == ".avif" and not AVIF_SUPPORTED:

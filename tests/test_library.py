@@ -1,5 +1,6 @@
 """Photo-library captioning (mlx_blip2.library and `mlx-blip2 caption`), end to end on the tiny checkpoint."""
 
+import base64
 import hashlib
 import io
 import json
@@ -15,11 +16,23 @@ import pytest
 from conftest import FIXTURES
 from PIL import Image, features
 
-from mlx_blip2 import library
+from mlx_blip2 import images, library
 from mlx_blip2.cli import main
-from mlx_blip2.library import (CSV_COLUMNS, ImageFile, Progress, RecordWriter, Summary, XmpError, caption_files,
-                               caption_paths, decode, discover, parse_shard, select_shard, shard_index, update_xmp,
-                               xmp_description)
+from mlx_blip2.files import ImageFile, display_path, find_images
+from mlx_blip2.library import (
+    CSV_COLUMNS,
+    Progress,
+    RecordWriter,
+    Summary,
+    XmpError,
+    caption_files,
+    caption_paths,
+    parse_shard,
+    select_shard,
+    shard_index,
+    update_xmp,
+    xmp_description,
+)
 from mlx_blip2.pipelines import load
 
 TINY = FIXTURES / "tiny-blip2-opt"
@@ -65,6 +78,15 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def discover(inputs, recursive=False):
+    return find_images(inputs, recursive).files
+
+
+def decode(path, pipe):
+    """The pixels the library gives the model for a file (the engine's preprocessing, run in worker threads)."""
+    return pipe.engine.preprocess(path)
+
+
 def run(pipe, inputs, **kwargs):
     kwargs.setdefault("generate_kwargs", FAST)
     return caption_paths(pipe, [str(p) for p in inputs], **kwargs)
@@ -76,7 +98,7 @@ def run(pipe, inputs, **kwargs):
 def test_discover_recognises_images_by_extension(tmp_path):
     names = ["a.jpg", "b.JPEG", "c.png", "d.webp", "e.gif", "f.bmp", "g.tif", "h.TIFF", "i.heic", "j.HEIF", "k.avif",
              "l.Jpg"]
-    for name in names + ["notes.txt", "photo.jpg.xmp", "raw.CR2", "data.json", "noext", ".hidden.jpg",
+    for name in names + ["notes.txt", "photo.jpg.xmp", "clip.MOV", "data.json", "noext", ".hidden.jpg",
                          "._resource_fork.jpg"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
@@ -169,13 +191,13 @@ def test_every_format_and_mode_is_captioned(pipe, tmp_path):
         assert r["mtime"] == pytest.approx(os.path.getmtime(r["path"]))
     # A GIF is captioned from its first frame.
     save(tmp_path / "first.gif", frames[0])
-    ip = pipe.processor.image_processor
+    ip = pipe
     np.testing.assert_array_equal(decode(str(lib / "animated.gif"), ip), decode(str(tmp_path / "first.gif"), ip))
 
 
 def test_heic(pipe, tmp_path):
     pytest.importorskip("pillow_heif")  # an optional dependency: `pip install pillow-heif`
-    assert library.HEIF_SUPPORTED
+    assert images.HEIF_SUPPORTED
     save(tmp_path / "lib" / "iphone.HEIC", Image.fromarray(picture()), quality=95)
     save(tmp_path / "lib" / "other.heif", Image.fromarray(picture(seed=3)), quality=95)
     out = tmp_path / "c.jsonl"
@@ -185,7 +207,7 @@ def test_heic(pipe, tmp_path):
 
 
 def test_exif_orientation_is_applied(pipe, tmp_path):
-    ip = pipe.processor.image_processor
+    ip = pipe
     upright = Image.fromarray(picture(40, 70))  # how the photo should look
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # how a camera held sideways stores it
     exif = Image.Exif()
@@ -202,24 +224,36 @@ def test_exif_orientation_is_applied(pipe, tmp_path):
     assert np.abs(jpeg - tagged).mean() < np.abs(jpeg - decode(str(tmp_path / "untagged.png"), ip)).mean() / 3
 
 
-def test_huge_jpeg_is_decoded_at_reduced_size(pipe, tmp_path, monkeypatch):
+def test_huge_jpeg_is_decoded_exactly_and_captioned_as_the_pipeline_does(pipe, tmp_path, capsys):
+    """A JPEG far larger than the model input (3000 x 2000 for 56 x 56) is decoded at full size, as the pipeline and
+    transformers do: a reduced-size (draft) decode changed the pixels, so the CLI's caption differed from Python's."""
     big = Image.fromarray(np.kron(picture(60, 40), np.ones((50, 50, 1), np.uint8)))  # 3000 x 2000
-    save(tmp_path / "big.jpg", big, quality=80)
-    decoded = []
-    real = library.load_image
-
-    def spy(image, draft_size=None):
-        out = real(image, draft_size=draft_size)
-        decoded.append((draft_size, out.size))
-        return out
-
-    monkeypatch.setattr(library, "load_image", spy)
-    out = tmp_path / "c.jsonl"
-    summary, _ = run(pipe, [tmp_path / "big.jpg"], output=out)
-    assert summary.captioned == 1
-    (draft, size), = decoded
+    path = save(tmp_path / "big.jpg", big, quality=80)
     target = pipe.processor.image_processor.size["height"]
-    assert draft == 2 * target and size == (375, 250)  # 1/8 scale: the smallest keeping both sides >= 2x target
+    assert min(big.size) > 2 * target
+    with Image.open(path) as im:  # the processor's input from the full-size decode
+        expected = pipe.processor(images=[im.convert("RGB")])["pixel_values"][0]
+    seen = []
+    real = pipe.engine.encode
+
+    def spy(pixel_values, **kwargs):
+        seen.extend(np.asarray(p) for p in pixel_values)
+        return real(pixel_values, **kwargs)
+
+    pipe.engine.encode = spy
+    try:
+        out = tmp_path / "c.jsonl"
+        summary, _ = run(pipe, [path], output=out, generate_kwargs={})
+    finally:
+        del pipe.engine.encode
+    assert summary.captioned == 1
+    (pixels,) = seen
+    np.testing.assert_array_equal(pixels, expected)
+    (record,) = read_jsonl(out)
+    assert record["caption"] == pipe.caption(str(path))
+    # And from the command line, with the default recipe.
+    assert main(["caption", str(path), "--model", str(TINY)]) == 0
+    assert capsys.readouterr().out.strip() == pipe.caption(str(path))
 
 
 # --- batched captioning ------------------------------------------------------------------------------------------
@@ -239,13 +273,13 @@ def test_captions_match_the_pipeline(pipe, tmp_path):
 def test_vision_encoder_runs_batched(pipe, tmp_path, monkeypatch):
     paths = make_library(tmp_path, 5)
     shapes = []
-    real = type(pipe.model).generate
+    real = type(pipe.model).encode_images
 
-    def spy(self, pixel_values=None, *args, **kwargs):
+    def spy(self, pixel_values, *args, **kwargs):
         shapes.append(tuple(np.asarray(pixel_values).shape))
         return real(self, pixel_values, *args, **kwargs)
 
-    monkeypatch.setattr(type(pipe.model), "generate", spy)
+    monkeypatch.setattr(type(pipe.model), "encode_images", spy)
     run(pipe, paths, output=tmp_path / "c.jsonl", batch_size=2)
     assert [s[0] for s in shapes] == [2, 2, 1] and all(s[1:] == shapes[0][1:] for s in shapes)
 
@@ -583,10 +617,10 @@ def test_progress_bar_and_summary():
     tty = Terminal()
     bar = Progress(10, stream=tty)
     assert bar.enabled
-    bar.start -= 2.0  # two seconds in
+    bar.bar.start_t -= 2.0  # two seconds in
     bar.update(4, failed=1, force=True)
     text = tty.getvalue()
-    assert "4/10" in text and "images/s" in text and "ETA 0:03" in text and "1 failed" in text
+    assert "4/10" in text and "images/s" in text and "ETA 00:03" in text and "1 failed" in text
     bar.close()
     pipe_stream = io.StringIO()
     quiet = Progress(10, stream=pipe_stream)
@@ -615,10 +649,10 @@ def test_caption_files_api(pipe, tmp_path):
 
 
 def test_missing_heif_plugin_is_explained(pipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(library, "HEIF_SUPPORTED", False)
+    monkeypatch.setattr(images, "HEIF_SUPPORTED", False)
     (tmp_path / "x.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not really")
-    with pytest.raises(library.ImageLoadError, match="pip install pillow-heif"):
-        decode(str(tmp_path / "x.heic"), pipe.processor.image_processor)
+    with pytest.raises(images.ImageLoadError, match="pip install pillow-heif"):
+        decode(str(tmp_path / "x.heic"), pipe)
 
 
 def test_generated_library_end_to_end(pipe, tmp_path):
@@ -645,3 +679,156 @@ def test_generated_library_end_to_end(pipe, tmp_path):
     assert {r["path"] for r in records if "caption" in r} == {str(p.resolve()) for p in good}
     assert {r["path"] for r in records if "error" in r} == {str(p.resolve()) for p in bad}
     assert summary.captioned == len(good) and len(summary.failed) == len(bad) and summary.exit_code == 1
+
+
+# --- file names that are not valid UTF-8 -------------------------------------------------------------------------
+
+
+def non_utf8_library(root):
+    """Two good images whose names are not valid UTF-8 (Latin-1 bytes, as old cameras and Windows shares write), one
+    bad one, and an ordinary one. Returns the exact paths (str, surrogate-escaped)."""
+    root.mkdir(parents=True, exist_ok=True)
+    raw = os.fsencode(root)
+    paths = []
+    for i, name in enumerate([b"caf\xe9.png", b"\xff\xfe odd.png", b"plain.png"]):
+        path = os.fsdecode(raw + b"/" + name)
+        Image.fromarray(picture(seed=i)).save(path, format="PNG")
+        paths.append(path)
+    bad = os.fsdecode(raw + b"/broken \xe9.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    return paths, bad
+
+
+def exact_path(record):
+    if "path_b64" in record:
+        return os.fsdecode(base64.b64decode(record["path_b64"]))
+    return record["path"]
+
+
+def test_non_utf8_names_give_valid_utf8_jsonl_that_identifies_the_file(pipe, tmp_path):
+    try:
+        paths, bad = non_utf8_library(tmp_path / "lib")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    out = tmp_path / "c.jsonl"
+    summary, _ = run(pipe, [tmp_path / "lib"], output=out)
+    assert summary.captioned == 3 and len(summary.failed) == 1
+    text = out.read_bytes().decode("utf-8")  # valid UTF-8, for every tool
+    assert "\\ud" not in text  # no lone surrogates escaped as JSON \\udcxx (other tools show them as U+FFFD)
+    records = [json.loads(line) for line in text.splitlines()]
+    assert sorted(exact_path(r) for r in records) == sorted(paths + [bad])
+    for r in records:
+        r["path"].encode("utf-8")
+        assert r["path"] == display_path(exact_path(r))
+        assert ("path_b64" in r) == (os.path.basename(exact_path(r)) != "plain.png")
+    assert "\ufffd" in next(r for r in records if exact_path(r) == bad)["error"]
+    # Resuming recognises the records: nothing is captioned twice.
+    summary, _ = run(pipe, [tmp_path / "lib"], output=out)
+    assert (summary.captioned, summary.skipped, len(summary.failed)) == (0, 3, 1)
+    assert len(read_jsonl(out)) == 4
+
+
+def test_non_utf8_names_give_valid_utf8_csv(pipe, tmp_path, capsys):
+    import csv
+
+    try:
+        paths, bad = non_utf8_library(tmp_path / "lib")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    out = tmp_path / "c.csv"
+    summary, _ = run(pipe, [tmp_path / "lib"], output=out)
+    assert summary.captioned == 3
+    rows = list(csv.DictReader(io.StringIO(out.read_bytes().decode("utf-8"), newline="")))  # valid UTF-8
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert sorted(exact_path({k: v for k, v in r.items() if v}) for r in rows) == sorted(paths + [bad])
+    summary, _ = run(pipe, [tmp_path / "lib"], output=out)
+    assert (summary.captioned, summary.skipped) == (0, 3)
+    # Printed captions and the failure list are valid text too.
+    summary, _ = run(pipe, [tmp_path / "lib"])
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")
+    assert display_path(paths[0]) in printed
+    assert all(display.encode("utf-8") and error.encode("utf-8") for display, error in summary.failed)
+
+
+def test_csv_written_before_path_b64_is_resumed_and_upgraded(pipe, tmp_path):
+    import csv
+
+    paths = make_library(tmp_path / "lib", 2)
+    legacy = tmp_path / "old.csv"
+    st = os.stat(paths[0])
+    legacy.write_text("path,caption,error,model,prompt,size,mtime\n"
+                      f"{paths[0]},an old caption,,m,,{st.st_size},{st.st_mtime}\n")
+    summary, _ = run(pipe, [tmp_path / "lib"], output=legacy)
+    assert (summary.captioned, summary.skipped) == (1, 1)
+    rows = list(csv.DictReader(legacy.open(newline="")))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 2
+    assert rows[0]["caption"] == "an old caption"
+
+
+# --- XMP: other languages of the description ---------------------------------------------------------------------
+
+MULTILINGUAL_XMP = """<?xml version="1.0" encoding="UTF-8"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">
+   <dc:description>
+    <rdf:Alt>
+     <rdf:li xml:lang="x-default">an old caption</rdf:li>
+     <rdf:li xml:lang="de-DE">Ein Hund am Strand</rdf:li>
+     <rdf:li xml:lang="fr-FR">Un chien &amp; la plage</rdf:li>
+    </rdf:Alt>
+   </dc:description>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+def languages(data: bytes) -> dict:
+    root = ET.fromstring(data)
+    return {li.get("{http://www.w3.org/XML/1998/namespace}lang"): li.text
+            for d in root.iter(f"{DC}description") for li in d.iter(f"{RDF}li")}
+
+
+def test_xmp_overwrite_keeps_the_other_languages(pipe, tmp_path):
+    photo = save(tmp_path / "photo.jpg")
+    sidecar = tmp_path / "photo.jpg.xmp"
+    sidecar.write_text(MULTILINGUAL_XMP)
+    args = ["--model", str(TINY), "--max-new-tokens", "3", "--num-beams", "1", "-q"]
+    assert main(["caption", str(photo), "--format", "xmp", *args]) == 0
+    assert sidecar.read_text() == MULTILINGUAL_XMP  # skip: it has a description
+    assert main(["caption", str(photo), "--format", "xmp", "--existing", "overwrite", *args]) == 0
+    caption = library.xml_text(pipe.caption(str(photo), max_new_tokens=3, num_beams=1))
+    new = sidecar.read_bytes()
+    assert languages(new) == {"x-default": caption, "de-DE": "Ein Hund am Strand", "fr-FR": "Un chien & la plage"}
+    # Only the x-default text changed, byte for byte.
+    from xml.sax.saxutils import escape
+
+    assert new.decode() == MULTILINGUAL_XMP.replace(">an old caption<", f">{escape(caption)}<")
+
+
+def test_update_xmp_adds_x_default_beside_other_languages():
+    ns = ('xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" xmlns:dc="http://purl.org/dc/elements/1.1/"')
+    only_german = (f'<rdf:RDF {ns}><rdf:Description><dc:description>\n <rdf:Alt>\n  <rdf:li xml:lang="de">alt</rdf:li>'
+                   f'\n </rdf:Alt>\n</dc:description></rdf:Description></rdf:RDF>')
+    out = update_xmp(only_german.encode(), "new")
+    assert languages(out) == {"x-default": "new", "de": "alt"} and xmp_description(out) == "new"
+    assert b'<rdf:li xml:lang="x-default">new</rdf:li>\n  <rdf:li xml:lang="de">alt</rdf:li>' in out
+    empty_default = only_german.replace('<rdf:li xml:lang="de">alt</rdf:li>',
+                                        '<rdf:li xml:lang="x-default"/><rdf:li xml:lang="de">alt</rdf:li>')
+    assert languages(update_xmp(empty_default.encode(), "new")) == {"x-default": "new", "de": "alt"}
+    twice = update_xmp(update_xmp(only_german.encode(), "one"), "two")
+    assert languages(twice) == {"x-default": "two", "de": "alt"}
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_caption_with_a_retrieval_checkpoint_is_a_clear_usage_error(tmp_path, capsys):
+    photo = save(tmp_path / "photo.png")
+    assert main(["caption", str(photo), "--model", str(FIXTURES / "tiny-blip2-itm")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'caption' needs a captioning checkpoint" in err
+    assert "retrieval" in err and "Traceback" not in err
