@@ -832,3 +832,29 @@ def test_caption_with_a_retrieval_checkpoint_is_a_clear_usage_error(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'caption' needs a captioning checkpoint" in err
     assert "retrieval" in err and "Traceback" not in err
+
+
+def test_raw_files_are_captioned_from_their_preview_and_pairs_once(pipe, tmp_path):
+    from raw_files import write_dng
+    from reference_cases import make_images
+
+    from mlx_blip2.images import open_image
+
+    lib = tmp_path / "raw"
+    lib.mkdir()
+    preview = np.asarray(make_images()[0].resize((64, 48)))
+    write_dng(lib / "alone.dng", preview)
+    write_dng(lib / "pair.dng", preview)
+    Image.fromarray(preview).save(lib / "pair.jpg", quality=95)
+    write_dng(lib / "nopreview.dng", None)
+    (lib / "corrupt.nef").write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    out = tmp_path / "raw.jsonl"
+    summary, _ = run(pipe, [lib], output=out)
+    records = {os.path.basename(r["path"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == ["alone.dng", "corrupt.nef", "nopreview.dng", "pair.jpg"]
+    assert records["pair.jpg"]["raw"] == str(lib / "pair.dng") and "caption" in records["pair.jpg"]
+    assert records["alone.dng"]["caption"] == pipe.caption(open_image(lib / "alone.dng"), **FAST)
+    assert "preview" in records["nopreview.dng"]["error"] or "RAW" in records["nopreview.dng"]["error"]
+    assert "not a readable RAW file" in records["corrupt.nef"]["error"]
+    assert summary.exit_code == 1 and len(summary.failed) == 2
+

@@ -48,6 +48,8 @@ def record_path(record: dict) -> str:
 
 def make_record(image: ImageFile, size, mtime, caption, error, model, prompt) -> dict:
     record = path_fields(image.path)
+    if image.raw:  # a RAW+JPEG pair: one record naming both
+        record["raw"] = display_path(image.raw)
     record.update({"caption": utf8_text(caption)} if error is None else {"error": utf8_text(error)})
     record["model"] = None if model is None else utf8_text(model)
     if prompt is not None:
