@@ -152,12 +152,14 @@ def main(argv=None) -> int:
         rows += run_all(args.url.rstrip("/"), args, images, options, "server")
     else:
         from mlx_blip2.pipelines import load
-        from mlx_blip2.server import BackgroundServer, create_app, missing_server_packages
+        from mlx_blip2.server import INSTALL_HINT, missing_server_packages
 
         missing = missing_server_packages()
         if missing:
-            print(f"needs {', '.join(missing)}: pip install 'mlx-blip2[server]'", file=sys.stderr)
+            print(f"needs {', '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
             return 2
+        from mlx_blip2.server import BackgroundServer, create_app
+
         pipe = load(args.model)
         settings = [("batched", args.max_batch)] + ([("unbatched", 1)] if args.compare_unbatched else [])
         for label, max_batch in settings:

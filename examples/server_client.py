@@ -99,10 +99,12 @@ if args.url:
     run()
 else:
     from mlx_blip2.pipelines import load
-    from mlx_blip2.server import INSTALL_HINT, BackgroundServer, create_app, missing_server_packages
+    from mlx_blip2.server import INSTALL_HINT, missing_server_packages
 
     if missing_server_packages():
         sys.exit(f"the server needs {', '.join(missing_server_packages())}: {INSTALL_HINT}")
+    from mlx_blip2.server import BackgroundServer, create_app
+
     app = create_app(load(args.model), model_name=args.model, api_key=args.api_key)
     with BackgroundServer(app) as server:  # what `mlx-blip2 serve --model M --port 0` runs, on a thread
         url = server.url

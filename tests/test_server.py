@@ -1,9 +1,10 @@
-"""The HTTP server (mlx_blip2/server.py), end to end on loopback with the tiny checkpoints.
+"""The HTTP server (mlx_blip2/server/), end to end on loopback with the tiny checkpoints.
 
 Each server runs in-process (uvicorn on a free 127.0.0.1 port, on a thread); requests are raw HTTP (http.client) and,
 when installed, the `openai` client. Nothing leaves the machine.
 """
 
+import asyncio
 import base64
 import http.client
 import http.server
@@ -22,14 +23,29 @@ from conftest import FIXTURES
 from PIL import Image
 from reference_cases import make_images
 
-from mlx_blip2 import generate as G
-from mlx_blip2.generation.options import VQA_DEFAULTS
+from mlx_blip2.generation import generate as G
+from mlx_blip2.generation.engine import Engine, Row
+from mlx_blip2.generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS, resolve
 from mlx_blip2.pipelines import load
-from mlx_blip2.server import BackgroundServer, create_app, missing_server_packages
+from mlx_blip2.server import missing_server_packages
 
 if missing_server_packages():  # the web stack is the `server` extra
     pytest.skip(f"the server extra is not installed ({', '.join(missing_server_packages())})",
                 allow_module_level=True)
+
+from mlx_blip2.generation.engine import Completion, ContextLengthError  # noqa: E402
+from mlx_blip2.generation.options import OPTION_FIELDS, PUBLIC_OPTIONS  # noqa: E402
+from mlx_blip2.images import available_formats  # noqa: E402
+from mlx_blip2.server import BackgroundServer, create_app  # noqa: E402
+from mlx_blip2.server.auth import APIKeyMiddleware, authorized, given_key  # noqa: E402
+from mlx_blip2.server.config import ServerConfig  # noqa: E402
+from mlx_blip2.server.errors import APIError, from_worker  # noqa: E402
+from mlx_blip2.server.images import decode_image, image_bytes_from_string, image_sources, load_image  # noqa: E402
+from mlx_blip2.server.openai import (ChatIds, StreamText, chat_prompt, chunk, completion_body,  # noqa: E402
+                                     embeddings_body, sse)
+from mlx_blip2.server.schemas import (build_schemas, generation_overrides, request_names,  # noqa: E402
+                                      resolve_options, validate)
+from mlx_blip2.server.worker import Job, ModelWorker, generation_key  # noqa: E402
 
 TINY = FIXTURES / "tiny-blip2-opt"
 TINY_ITM = FIXTURES / "tiny-blip2-itm"
@@ -205,7 +221,8 @@ def test_caption_json_and_multipart_match_the_pipeline(server, pipe, images):
     code, _, body = post(server, "/v1/caption", {"image": data_url(image), "num_beams": 3,
                                                  "num_return_sequences": 2, "max_new_tokens": 8})
     assert code == 200
-    assert body["captions"] == pipe.caption([image], num_beams=3, num_return_sequences=2, max_new_tokens=8)
+    options = resolve(CAPTION_DEFAULTS, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8})
+    assert body["captions"] == [c.text for c in pipe.engine.generate([Row(image=image)], options)[0]]
     assert body["caption"] == body["captions"][0]
 
 
@@ -530,7 +547,7 @@ def test_url_fetch_when_enabled(pipe, images):
 def slow_decoding(monkeypatch):
     """Each decode step (and each streamed piece) takes 30 ms; records what the model did."""
     record = {"steps": 0, "stream_pieces": 0, "stream_closed": False}
-    real_make_runner, real_stream = G.make_runner, G.stream_generate
+    real_make_runner, real_stream = G.make_runner, Engine.stream
 
     class Slow:
         def __init__(self, runner):
@@ -544,9 +561,9 @@ def slow_decoding(monkeypatch):
         def __getattr__(self, name):
             return getattr(self.runner, name)
 
-    def slow_stream(*args, **kwargs):
+    def slow_stream(self, *args, **kwargs):
         try:
-            for piece in real_stream(*args, **kwargs):
+            for piece in real_stream(self, *args, **kwargs):
                 time.sleep(0.03)
                 record["stream_pieces"] += 1
                 yield piece
@@ -554,7 +571,7 @@ def slow_decoding(monkeypatch):
             record["stream_closed"] = True
 
     monkeypatch.setattr(G, "make_runner", lambda *a: Slow(real_make_runner(*a)))
-    monkeypatch.setattr(G, "stream_generate", slow_stream)
+    monkeypatch.setattr(Engine, "stream", slow_stream)
     return record
 
 
@@ -711,13 +728,13 @@ def test_retrieval_burst_equals_sequential(retrieval_server, images):
 
 
 def test_serve_command(monkeypatch, capsys):
-    from mlx_blip2 import server
-    from mlx_blip2.cli import build_parser, main
+    from mlx_blip2.cli import build_parser, main, serve
 
     args = build_parser().parse_args(["serve", "--model", str(TINY), "--max-batch", "4", "--api-key", "k"])
-    assert args.func is server.cmd_serve and args.host == "127.0.0.1" and args.port == 8080
+    assert args.func is serve.run and args.host == "127.0.0.1" and args.port == 8080
     assert args.max_batch == 4 and args.api_key == "k" and not args.allow_url_fetch
-    monkeypatch.setattr(server, "missing_server_packages", lambda: ["uvicorn"])
+    assert serve.server_settings(args)["max_batch"] == 4 and serve.server_settings(args)["api_key"] == "k"
+    monkeypatch.setattr(serve, "missing_server_packages", lambda: ["uvicorn"])
     assert main(["serve", "--model", str(TINY)]) == 2
     assert "pip install" in capsys.readouterr().err
 
@@ -740,3 +757,206 @@ def test_process_exits_cleanly_after_serving():
     for _ in range(4):
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- units: the pieces create_app assembles ------------------------------------------------------------------------
+
+
+def test_openapi_docs_document_every_endpoint(server):
+    code, _, spec = request(server, "GET", "/openapi.json")
+    assert code == 200
+    paths = spec["paths"]
+    for path in ("/v1/caption", "/v1/ask", "/v1/chat/completions", "/v1/match", "/v1/embeddings", "/health"):
+        assert path in paths, path
+    match = paths["/v1/match"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"image", "texts", "mode"} <= set(match["properties"]) and match["required"] == ["texts"]
+    caption = paths["/v1/caption"]["post"]["requestBody"]["content"]
+    assert caption["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+    beams = caption["application/json"]["schema"]["properties"]["num_beams"]["anyOf"][0]
+    assert beams["minimum"] == 1 and beams["maximum"] == 16  # declared range, server limit on top
+    assert request(server, "GET", "/docs")[0] == 200
+
+
+def test_schemas_are_generated_from_the_options_declaration():
+    config = ServerConfig(max_new_tokens=64, max_beams=4)
+    schemas = build_schemas(config)
+    fields = schemas.caption.model_fields
+    assert set(PUBLIC_OPTIONS) <= set(fields)
+    for name in PUBLIC_OPTIONS:
+        assert fields[name].description == OPTION_FIELDS[name].metadata["help"]
+    props = schemas.caption.model_json_schema()["properties"]
+    assert props["top_p"]["anyOf"][0] == {"exclusiveMinimum": 0, "maximum": 1, "type": "number"}
+    assert props["max_new_tokens"]["anyOf"][0]["maximum"] == 64 and props["num_beams"]["anyOf"][0]["maximum"] == 4
+    assert props["early_stopping"]["anyOf"][0]["enum"] == [False, True, "never"]
+    chat = schemas.chat.model_fields
+    assert {"n", "max_tokens", "max_completion_tokens"} <= set(chat) and "max_new_tokens" not in chat
+    assert build_schemas(ServerConfig(max_new_tokens=64, max_beams=4)) is schemas  # one build per config
+
+
+def test_schema_validation_errors_name_the_field():
+    s = build_schemas(ServerConfig(max_text_chars=10, max_texts=3))
+
+    def error(model, data, form=False):
+        with pytest.raises(APIError) as e:
+            validate(model, data, form)
+        assert e.value.status == 400
+        return e.value.param, e.value.message
+
+    assert validate(s.caption, {"num_beams": 2.0}).num_beams == 2  # an integral float is an integer
+    assert validate(s.caption, {"num_beams": "3", "do_sample": "true"}, from_form=True).num_beams == 3
+    assert validate(s.ask, {"question": ["a", "b"]}).question == ["a", "b"]
+    assert error(s.caption, {"num_beams": "3"})[0] == "num_beams"  # JSON is strict
+    assert error(s.caption, {"max_new_tokens": True})[0] == "max_new_tokens"
+    assert error(s.caption, {"num_beams": 2.5})[0] == "num_beams"
+    assert error(s.caption, {"temperature": float("nan")})[0] == "temperature"
+    assert error(s.caption, {"top_p": 0})[0] == "top_p"
+    assert error(s.caption, {"colour": "red"}) == ("colour", "unknown field 'colour'")
+    assert error(s.ask, {}) == ("question", "'question' is required")
+    assert error(s.ask, {"question": []}) == ("question", "'question' is an empty list")
+    assert error(s.ask, {"question": ["a"] * 4})[1] == "'question' has 4 items; at most 3 items are accepted"
+    assert "characters" in error(s.ask, {"question": "x" * 11})[1]
+    assert "string" in error(s.ask, {"question": [1]})[1]
+    assert "Unicode" in error(s.caption, {"prompt": "\ud800"})[1]
+    assert error(s.match, {"texts": "a", "mode": "x"})[0] == "mode"
+    assert error(s.embeddings, {"input": "a", "encoding_format": "int8"})[0] == "encoding_format"
+
+
+def test_option_parsing_resolves_the_recipe():
+    s = build_schemas(ServerConfig())
+    req = validate(s.caption, {"temperature": 0.5, "prompt": "a photo of"})
+    assert generation_overrides(req) == {"temperature": 0.5}
+    options = resolve_options(CAPTION_DEFAULTS, generation_overrides(req))
+    assert options.do_sample and options.num_beams == 1 and options.max_new_tokens == 30  # sampling replaces beams
+    with pytest.raises(APIError, match="min_new_tokens") as e:
+        resolve_options(CAPTION_DEFAULTS, {"min_new_tokens": 9, "max_new_tokens": 3})
+    assert e.value.param == "min_new_tokens"
+    with pytest.raises(APIError, match="num_beams") as e:
+        resolve_options(VQA_DEFAULTS, {"num_beams": 3}, stream=True)
+    # OpenAI's names map to ours, and errors use the name the client sent.
+    chat = validate(s.chat, {"messages": [], "n": 6, "max_tokens": 7})
+    assert generation_overrides(chat) == {"num_return_sequences": 6, "max_new_tokens": 7}
+    with pytest.raises(APIError) as e:
+        resolve_options(CAPTION_DEFAULTS, generation_overrides(chat), names=request_names(chat))
+    assert e.value.param == "n" and "'n'" not in e.value.message and "n must be" in e.value.message
+
+
+def test_image_input():
+    config = ServerConfig(max_upload_bytes=20_000, max_pixels=4096)
+    blob = png_bytes(Image.new("RGB", (30, 20), (10, 200, 30)))
+    b64 = base64.b64encode(blob).decode()
+    assert image_bytes_from_string(f"data:image/png;base64,{b64}", config) == blob
+    assert image_bytes_from_string(b64.rstrip("="), config) == blob  # padding optional
+    assert image_bytes_from_string(base64.urlsafe_b64encode(blob).decode(), config) == blob
+
+    def status(value, **kw):
+        with pytest.raises(APIError) as e:
+            load_image(value, ServerConfig(**{**config.__dict__, **kw}), "img")
+        assert e.value.param == "img"
+        return e.value.status, e.value.message
+
+    assert status("http://example.com/cat.png")[1].endswith("data URL") and "disabled" in status("https://x/y.png")[1]
+    assert "not accepted" in status("file:///etc/passwd")[1]
+    for path in ("/etc/passwd", "~/cat.jpg", "../x.png", "C:\\photos\\cat.png", "cat.jpeg"):
+        assert "disk" in status(path)[1], path
+    assert status("A" * 40_000)[0] == 413  # refused before decoding
+    assert status(base64.b64encode(b"not an image").decode()) == (400, "'img' is not an image in a supported "
+                                                                        f"format ({', '.join(available_formats())})")
+    assert status(data_url(Image.new("RGB", (100, 100))))[0] == 413  # 10,000 pixels
+    assert status("")[1] == "'img' is empty"
+    image = decode_image(blob, config, size={"width": 8, "height": 8, "resample": 3})
+    assert image.size == (8, 8) and image.mode == "RGB"
+    with pytest.raises(APIError, match="required"):
+        image_sources({}, {})
+    with pytest.raises(APIError, match="one image"):
+        image_sources({"image": "x"}, {"image": [b"y"]})
+    assert image_sources({"images": ["a", "b"]}, {"image": [b"c"]}, ("image", "images"), many=True) == [
+        ("image", b"c"), ("images", "a"), ("images", "b")]
+
+
+def test_api_key():
+    assert given_key([(b"authorization", b"Bearer  abc ")]) == b"abc"
+    assert given_key([(b"x-api-key", b"abc")]) == b"abc"
+    assert authorized([(b"authorization", b"bearer abc")], "abc") and not authorized([], "abc")
+    assert not authorized([(b"authorization", b"Basic abc")], "abc")
+    sent, called = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    guarded = APIKeyMiddleware(app, "abc")
+    for path, headers in (("/health", []), ("/v1/models", [(b"authorization", b"Bearer abc")]),
+                          ("/v1/models", [(b"authorization", b"Bearer no")]), ("/docs", [])):
+        asyncio.run(guarded({"type": "http", "path": path, "headers": headers}, None, send))
+    assert called == ["/health", "/v1/models"]
+    assert [m["status"] for m in sent if "status" in m] == [401, 401]
+    assert json.loads(sent[1]["body"])["error"]["type"] == "authentication_error"
+
+
+def test_openai_format():
+    image = {"type": "image_url", "image_url": {"url": "data:x"}}
+    messages = [{"role": "system", "content": "brief"}, {"role": "user", "content": [image]}]
+    assert chat_prompt(messages) == (("messages[1].content[0]", "data:x"), None)  # no text: a caption
+    messages[1]["content"] = [{"type": "text", "text": " what? "}, image]
+    messages += [{"role": "assistant", "content": "a cat", "refusal": None}, {"role": "user", "content": "colour?"}]
+    assert chat_prompt(messages)[1] == "Question: what? Answer: a cat Question: colour? Answer:"
+    for bad, word in (("hi", "non-empty"), ([{"role": "robot"}], "role"), ([{"role": "user", "content": "x"}],
+                      "exactly one image"), ([{"role": "user", "content": [image], "tools": [1]}], "tools"),
+                      ([{"role": "user", "content": [image, image]}], "got 2")):
+        with pytest.raises(APIError, match=word):
+            chat_prompt(bad)
+    ids = ChatIds("tiny", id="chatcmpl-1", created=5)
+    body = completion_body(ids, [Completion("a cat", [5, 2], "stop", 40, 2)])
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "a cat"}
+    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}
+    event = chunk(ids, {"content": "hi"})
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(event[6:])["choices"][0]["delta"] == {"content": "hi"}
+    assert json.loads(chunk(ids, {}, usage={"total_tokens": 1})[6:])["choices"] == []
+    assert sse("[DONE]") == "data: [DONE]\n\n"
+    text = StreamText()
+    assert [text.delta(t) for t in (" ", " a", " cat")] == ["", "a", " cat"]
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = embeddings_body(vectors, "tiny", "base64", 4)
+    assert np.array_equal(np.frombuffer(base64.b64decode(out["data"][1]["embedding"]), "<f4"), vectors[1])
+    assert embeddings_body(vectors, "tiny")["data"][0]["embedding"] == [0.0, 1.0, 2.0]
+
+
+def test_worker_batches_jobs_into_one_engine_call():
+    calls = []
+
+    class FakeEngine:
+        def generate(self, rows, options, should_stop=None):
+            calls.append([r.prompt for r in rows])
+            if any(r.prompt == "long" for r in rows):
+                raise ContextLengthError("too long")
+            return [[Completion(f"re: {r.prompt}", [1], "stop", 3, 1)] for r in rows]
+
+    class FakePipeline:
+        kind, engine = "captioning", FakeEngine()
+
+    worker = ModelWorker(FakePipeline(), max_batch=8, batch_window=0.5)
+    options = resolve(CAPTION_DEFAULTS)
+    key = generation_key(options, True)
+    assert generation_key(resolve(CAPTION_DEFAULTS, {"temperature": 0.5, "seed": 1}), True) is None
+    jobs = [Job("generate", {"rows": [Row(prompt=p) for p in prompts], "options": options}, key, len(prompts))
+            for prompts in (["a"], ["b", "c"], ["long"], ["d"])]
+    for _ in jobs:
+        worker.arrive()
+    worker.start()  # queued before the worker looks: one batch
+    try:
+        for job in jobs:
+            worker.submit(job)
+            worker.depart()
+        assert [t.text for t in jobs[1].future.result(10)[1]] == ["re: c"]
+        assert jobs[0].future.result(10)[0][0].text == "re: a" and jobs[3].future.result(10)[0][0].text == "re: d"
+        with pytest.raises(ContextLengthError):
+            jobs[2].future.result(10)
+        assert from_worker(jobs[2].future.exception()).param == "max_new_tokens"
+    finally:
+        worker.stop()
+    assert calls[0] == ["a", "b", "c", "long", "d"]  # one call; then each alone, so only the long one fails
+    assert sorted(map(tuple, calls[1:])) == [("a",), ("b", "c"), ("d",), ("long",)]
+    assert worker.stats["largest_batch"] == 5

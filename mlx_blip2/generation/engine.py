@@ -62,8 +62,10 @@ class GenerationResponse:
 
 
 def _image_key(row: Row):
-    if row.image_features is not None or row.pixel_values is not None:
-        return ("row", id(row))
+    if row.image_features is not None:
+        return ("features", id(row))
+    if row.pixel_values is not None:  # the same array on several rows (an ask's questions) is encoded once
+        return ("pixels", id(row.pixel_values))
     return ("path", str(row.image)) if isinstance(row.image, str) else ("object", id(row.image))
 
 

@@ -45,7 +45,8 @@ class Blip2Pipeline:
     def generate(self, images: list, prompts: list[str | None], defaults: dict, options: dict) -> list[str]:
         opts = resolve(defaults, options)
         rows = [Row(image=im, prompt=p) for im, p in zip(images, prompts)]
-        return [c[0].text for c in self.engine.generate(rows, opts)]
+        # Several sequences per row (num_return_sequences) come back one after another, as transformers returns them.
+        return [c.text for row in self.engine.generate(rows, opts) for c in row]
 
     def caption(self, images, prompt: str | None = None, **generate_kwargs) -> str | list[str]:
         """Caption one image (returns a str) or a list of images (returns a list of str).

@@ -1,0 +1,99 @@
+"""``create_app``: the FastAPI application — routes, error handlers, the worker's lifespan, the API key."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .auth import APIKeyMiddleware
+from .config import make_config
+from .context import ServerContext, context
+from .errors import APIError, ClientGone
+from .routes_generation import add_routes as add_generation_routes
+from .routes_retrieval import add_routes as add_retrieval_routes
+from .transport import json_response
+
+log = logging.getLogger("mlx_blip2.server")
+
+DESCRIPTION = """BLIP-2 on MLX: captions, visual question answering and OpenAI chat completions (captioning
+checkpoints), or image-text matching and embeddings (retrieval checkpoints). Images are multipart file uploads,
+base64 or data URLs; the server never reads its own files. Every error is `{"error": {"message", "type", "param",
+"code"}}`."""
+
+
+# --- endpoints that need no model ---
+
+
+async def health(request: Request):
+    ctx = context(request)
+    return json_response({"status": "ok", "model": ctx.config.model_name, "task": ctx.task,
+                          "queued": ctx.worker.queued(), "busy": ctx.worker.busy})
+
+
+async def models(request: Request):
+    ctx = context(request)
+    return json_response({"object": "list", "data": [{"id": ctx.config.model_name, "object": "model",
+                                                      "created": ctx.created, "owned_by": "mlx-blip2",
+                                                      "task": ctx.task}]})
+
+
+# --- errors ---
+
+
+async def api_error(request: Request, exc: APIError):
+    return json_response(exc.body(), exc.status, exc.headers)
+
+
+async def http_error(request: Request, exc: HTTPException):
+    messages = {404: f"no such endpoint: {request.method} {request.url.path}",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+    return json_response(error.body(), exc.status_code, getattr(exc, "headers", None))
+
+
+async def client_gone(request: Request, exc: ClientGone):
+    return Response(status_code=499)
+
+
+async def server_error(request: Request, exc: Exception):
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response(APIError(500, "internal server error; see the server log").body(), 500)
+
+
+ERROR_HANDLERS = {APIError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: server_error}
+
+
+def create_app(pipeline, **settings) -> FastAPI:
+    """The application serving ``pipeline`` (from :func:`mlx_blip2.pipelines.load`).
+
+    ``settings`` are :class:`~mlx_blip2.server.config.ServerConfig` fields (``model_name``, ``max_batch``,
+    ``timeout``, ``max_upload_bytes``, ``max_pixels``, ``allow_url_fetch``, ``api_key``...). The model worker starts
+    with the app's lifespan (uvicorn runs it); ``app.state.ctx`` (and its ``worker`` and ``config``, also on
+    ``app.state``) are there for inspection. OpenAPI docs at ``/docs``.
+    """
+    ctx = ServerContext(pipeline, make_config(**settings))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        ctx.worker.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(ctx.worker.stop)
+
+    app = FastAPI(title="mlx-blip2", description=DESCRIPTION, lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
+    app.add_api_route("/health", health, methods=["GET"], tags=["server"], summary="Liveness (never needs the key)")
+    app.add_api_route("/v1/models", models, methods=["GET"], tags=["server"], summary="The model served")
+    # Both sets of routes, whatever the checkpoint: the other kind's say which checkpoint they need.
+    add_generation_routes(app, ctx.schemas)
+    add_retrieval_routes(app, ctx.schemas)
+    app.state.ctx, app.state.config, app.state.worker, app.state.pipeline = ctx, ctx.config, ctx.worker, pipeline
+    if ctx.config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=ctx.config.api_key)
+    return app
