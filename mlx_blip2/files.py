@@ -10,6 +10,7 @@ camera's RAW+JPEG pair) is one image: the JPEG, with the RAW named in ``ImageFil
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,15 @@ def is_hidden(name: str) -> bool:
 def display_path(path: str) -> str:
     """A path as valid UTF-8 text: undecodable bytes shown as U+FFFD (for people; records keep the exact path)."""
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+def path_fields(path: str) -> dict[str, str]:
+    """A path for records and JSON: ``{"path": ...}`` as valid UTF-8 text, plus ``path_b64`` (base64 of the exact
+    bytes) when the name is not valid UTF-8."""
+    shown = display_path(path)
+    if shown == path:
+        return {"path": path}
+    return {"path": shown, "path_b64": base64.b64encode(os.fsencode(path)).decode("ascii")}
 
 
 def _walk(top: str, recursive: bool):

@@ -107,7 +107,7 @@ def test_cli_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "mlx_blip2", "doctor"], capture_output=True, text=True, check=True)
     assert "BLAS" in out.stdout and "device" in out.stdout
     out = subprocess.run([sys.executable, "-m", "mlx_blip2", "caption"], capture_output=True, text=True)
-    assert out.returncode == 2 and "images" in out.stderr
+    assert out.returncode == 2 and "image" in out.stderr
 
 
 def test_cli_generation_options_and_streaming(capsys):

@@ -1,2 +1,66 @@
-from ..photo_index import _run, add_index_parser as add_parser, cmd_index  # noqa: F401  (replaced by photo_index)
-run = _run(cmd_index)
+"""``mlx-blip2 index PATH... --db library.sqlite``: embed photos into a searchable index (incremental).
+
+Exit status: 0 when every image found is indexed, 1 when some are unreadable (they are listed), 2 for usage errors
+(bad paths, a checkpoint of the wrong kind, a database that is not a photo index or holds another model's
+embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+
+from ..files import display_path
+from .common import add_model_args
+
+
+def add_parser(sub):
+    p = sub.add_parser("index", help="add folders of photos to a searchable index",
+                       description="Embed images into an index for 'mlx-blip2 search'. Incremental: unchanged files "
+                                   "are skipped, moved or renamed ones followed (by content hash), changed ones "
+                                   "re-embedded, deleted ones dropped; unreadable files are recorded and listed "
+                                   "(exit status 1).")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="folders (or single image files) to index")
+    p.add_argument("--db", required=True, help="the index file (SQLite; the embeddings go beside it in "
+                   "DB.vectors)")
+    p.add_argument("--recursive", "-r", action="store_true", help="include subfolders")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call and per transaction (default: 8)")
+    add_model_args(p, default_hint="the index's model, or Salesforce/blip2-itm-vit-g for a new index; a retrieval "
+                   "checkpoint")
+    return p
+
+
+def run(args) -> int:
+    from ..photo_index import (
+        PhotoIndex,
+        PhotoIndexError,
+        check_retrieval_checkpoint,
+        index_paths,
+    )
+
+    if args.batch_size <= 0:
+        raise ValueError("--batch-size must be positive")
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file or folder: '{display_path(os.fsdecode(path))}'")
+    if args.model is not None:
+        check_retrieval_checkpoint(args.model, "index")  # from config.json, before the database or any weight
+    dtype = None
+    if args.dtype:
+        import mlx.core as mx
+
+        dtype = getattr(mx, args.dtype)
+    try:
+        with PhotoIndex(args.db) as db:
+            report = index_paths(db, args.paths, model=args.model, recursive=args.recursive,
+                                 batch_size=args.batch_size, dtype=dtype)
+            for path, reason in report.failed:
+                print(f"unreadable: {display_path(path)}: {reason}", file=sys.stderr)
+            for path, reason in report.still_failed:
+                print(f"still unreadable (unchanged since it failed): {display_path(path)}: {reason}",
+                      file=sys.stderr)
+            print(f"{display_path(str(db.path))}: {report.summary()}; {db.count()} images searchable")
+    except sqlite3.Error as e:
+        raise PhotoIndexError(f"'{args.db}': {e}") from None
+    return 1 if report.failed or report.still_failed else 0
