@@ -189,6 +189,18 @@ def test_moves_and_renames_are_not_re_embedded(library, tmp_path):
         assert (report.moved, report.added) == (0, 1)
 
 
+def test_the_library_roots_are_recorded(library, tmp_path):
+    # The search page serves only files below these folders.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.png").write_bytes((library / "b.png").read_bytes())
+    with PhotoIndex(tmp_path / "library.sqlite") as db:
+        index_paths(db, [library], model=str(TINY), recursive=True, progress=False)
+        assert json.loads(db.get_meta("roots")) == [str(library)]
+        index_paths(db, [other / "x.png"], progress=False)
+        assert json.loads(db.get_meta("roots")) == sorted([str(library), str(other)])
+
+
 @pytest.mark.skipif(not UTF8_FS, reason="needs a file system that takes any bytes in names")
 def test_names_that_are_not_utf8_round_trip(tmp_path, capsys):
     """Bug: 'utf-8' codec can't encode character '\\udce9' ... surrogates not allowed, on every rerun."""

@@ -34,7 +34,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="let requests name http(s) image URLs for the server to fetch (off by default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_page_args(p)
     return p
+
+
+def add_page_args(p: argparse.ArgumentParser, index_flag: bool = True) -> None:
+    """The search page's options (``serve --index``; ``search --web`` takes its index from ``--db``)."""
+    g = p.add_argument_group("photo search page")
+    if index_flag:
+        g.add_argument("--index", default=None, metavar="DB",
+                       help="a photo index (from 'mlx-blip2 index ... --db DB'): serve a search page at / (needs a "
+                            "retrieval checkpoint; --model defaults to the one the index was built with)")
+    g.add_argument("--captions", action="append", default=[], metavar="FILE",
+                   help="a caption run's output (.jsonl or .csv) whose captions the page shows; repeatable "
+                        "(otherwise photo.txt / XMP sidecars, when present)")
 
 
 def server_settings(args) -> dict:
@@ -51,24 +64,107 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
 
+def add_web_args(p: argparse.ArgumentParser) -> None:
+    """``search --web``: the search page for ``--db`` instead of a table (the rest of ``serve``'s options default)."""
+    g = p.add_argument_group("web page (--web)")
+    g.add_argument("--web", action="store_true",
+                   help="serve the photo search page for --db at http://127.0.0.1:8080/ (as 'serve --index DB' does, "
+                        "with the text half of the model only)")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    g.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    g.add_argument("--api-key", default=os.environ.get("MLX_BLIP2_API_KEY"),
+                   help="require the key (a browser: open /?key=KEY once, or log in) (default: $MLX_BLIP2_API_KEY)")
+    g.add_argument("--captions", action="append", default=[], metavar="FILE",
+                   help="a caption run's output (.jsonl or .csv) whose captions the page shows; repeatable")
+
+
+def serve_defaults() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["serve"])
+
+
+def run_web(args) -> int:
+    """``mlx-blip2 search --web --db DB [QUERY]``: the search page, with the text half of the index's model."""
+    missing = missing_server_packages()
+    if missing:
+        print(f"error: `mlx-blip2 search --web` needs {', '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    for key, value in vars(serve_defaults()).items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    from ..photo_index import check_retrieval_checkpoint, model_id
+    from ..pipelines.retrieval import Blip2RetrievalPipeline
+
+    name = model_id(args.model) if args.model else index_model(args.db)
+    if name is None:
+        raise ValueError(f"'{args.db}' does not say which model built it; pass --model")
+    directory = check_retrieval_checkpoint(name, "search --web")
+    dtype = None
+    if args.dtype:
+        import mlx.core as mx
+
+        dtype = getattr(mx, args.dtype)
+    print(f"loading {name} (text half)...", file=sys.stderr)
+    pipeline = Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype, part="text")
+    return serve_app(args, pipeline, name, args.db, query=args.query)
+
+
+def index_model(db: str) -> str | None:
+    """The checkpoint a photo index was built with (read without writing to it); FileNotFoundError if none."""
+    import sqlite3
+    import urllib.parse
+
+    if not os.path.isfile(db):
+        raise FileNotFoundError(f"no photo index at '{db}'; build one with: mlx-blip2 index DIR --db {db}")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(db)) + "?mode=ro"
+    try:
+        with sqlite3.connect(uri, uri=True) as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+    except sqlite3.Error as e:
+        raise ValueError(f"'{db}' is not a photo index: {e}") from None
+    return None if row is None else row[0]
+
+
+def serve_app(args, pipeline, name: str, index: str | None = None, query: str | None = None) -> int:
+    """Run the server on ``pipeline`` (with the search page for ``index``) until interrupted."""
+    import uvicorn
+
+    from ..server import create_app
+
+    settings = server_settings(args)
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the "
+              "model" + (" and see the indexed photos" if index else ""), file=sys.stderr)
+    app = create_app(pipeline, index=index, captions=args.captions, model_name=str(name), **settings)
+    if index is not None:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{args.port}/"
+        if query:
+            from urllib.parse import urlencode
+
+            url += "?" + urlencode({"q": query})
+        print(f"photo search: {url}" + ("  (open it once with ?key=KEY, or log in)" if args.api_key else ""),
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
+    return 0
+
+
 def run(args) -> int:
     missing = missing_server_packages()
     if missing:
         print(f"error: `mlx-blip2 serve` needs {', '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    settings = server_settings(args)
+    server_settings(args)  # checked before anything loads
     import mlx.core as mx
-    import uvicorn
 
     from ..pipelines import DEFAULT_MODEL, load
-    from ..server import create_app
 
-    if not is_loopback(args.host) and not args.api_key:
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the "
-              "model", file=sys.stderr)
-    name = args.model or DEFAULT_MODEL
+    name = args.model or (index_model(args.index) if args.index else None) or DEFAULT_MODEL
+    if args.index:
+        from ..photo_index import check_retrieval_checkpoint
+
+        check_retrieval_checkpoint(name, "serve --index")
     print(f"loading {name}...", file=sys.stderr)
     pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None)
-    app = create_app(pipeline, model_name=str(name), **settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
-    return 0
+    return serve_app(args, pipeline, name, args.index)

@@ -11,6 +11,7 @@ cannot be decoded are recorded with the reason (retried once they change), never
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections import deque
@@ -158,8 +159,19 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
         config = engine.model.config
         db.bind_model(model, config.num_query_tokens, config.image_text_hidden_size)
         _embed_all(db, engine, todo, batch_size, report, progress)
+    _record_roots(db, found)
     db.compact()
     return report
+
+
+def _record_roots(db: PhotoIndex, found) -> None:
+    """The folders the library was indexed from: the search page serves only files below them."""
+    old = json.loads(db.get_meta("roots") or "[]")
+    roots = sorted(set(old) | set(found.roots) | {os.path.dirname(p) for p in found.named})
+    if roots != old:
+        db.begin()
+        db.set_meta("roots", json.dumps(roots))
+        db.commit()
 
 
 def _embed_all(db: PhotoIndex, engine, todo: list, batch_size: int, report: IndexReport,

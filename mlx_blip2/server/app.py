@@ -15,8 +15,10 @@ from .auth import APIKeyMiddleware
 from .config import make_config
 from .context import ServerContext, context
 from .errors import APIError, ClientGone
+from .page_auth import PageAuthMiddleware
 from .routes_generation import add_routes as add_generation_routes
 from .routes_retrieval import add_routes as add_retrieval_routes
+from .search_page import add_search_page
 from .transport import json_response
 
 log = logging.getLogger("mlx_blip2.server")
@@ -69,8 +71,11 @@ async def server_error(request: Request, exc: Exception):
 ERROR_HANDLERS = {APIError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: server_error}
 
 
-def create_app(pipeline, **settings) -> FastAPI:
+def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
     """The application serving ``pipeline`` (from :func:`mlx_blip2.pipelines.load`).
+
+    With ``index`` (a photo index, ``library.sqlite``; a retrieval pipeline) the photo search page is served at
+    ``/`` (:mod:`.search_page`), with captions from ``captions`` (caption run outputs, .jsonl/.csv) or sidecars.
 
     ``settings`` are :class:`~mlx_blip2.server.config.ServerConfig` fields (``model_name``, ``max_batch``,
     ``timeout``, ``max_upload_bytes``, ``max_pixels``, ``allow_url_fetch``, ``api_key``...). The model worker starts
@@ -86,6 +91,8 @@ def create_app(pipeline, **settings) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(ctx.worker.stop)
+            if getattr(app.state, "search_page", None) is not None:
+                app.state.search_page.close()
 
     app = FastAPI(title="mlx-blip2", description=DESCRIPTION, lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
     app.add_api_route("/health", health, methods=["GET"], tags=["server"], summary="Liveness (never needs the key)")
@@ -94,6 +101,11 @@ def create_app(pipeline, **settings) -> FastAPI:
     add_generation_routes(app, ctx.schemas)
     add_retrieval_routes(app, ctx.schemas)
     app.state.ctx, app.state.config, app.state.worker, app.state.pipeline = ctx, ctx.config, ctx.worker, pipeline
+    if index is not None:
+        add_search_page(app, ctx, index, captions)
     if ctx.config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ctx.config.api_key)
+        if index is not None:  # outside the key check: the page's cookie (see page_auth)
+            app.add_middleware(PageAuthMiddleware, api_key=ctx.config.api_key,
+                               login_page=app.state.search_page.login_page)
     return app
