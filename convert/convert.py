@@ -70,6 +70,8 @@ RECIPE_HELP = {
 # Support files copied from the source: tokenizer, processor, generation and chat-template files.
 COPY_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+# Support folders copied with the same patterns: InstructBLIP's second (Q-Former) tokenizer.
+SUPPORT_FOLDERS = ("qformer_tokenizer",)
 # Retrieval models' ITC projections and ITM head, kept in float.
 RETRIEVAL_HEADS = ("vision_projection", "text_projection", "itm_head")
 # The language model's down projections, by architecture (OPT: fc2, T5: wo, Llama-style: down_proj).
@@ -92,8 +94,18 @@ def is_retrieval(config: dict[str, Any]) -> bool:
     return "Blip2ForImageTextRetrieval" in (config.get("architectures") or [])
 
 
+def is_instructblip(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == "instructblip" or \
+        "InstructBlipForConditionalGeneration" in (config.get("architectures") or [])
+
+
 def model_class(config: dict[str, Any]) -> type:
-    """The class a checkpoint is loaded (and saved) with: captioning/VQA or retrieval, by its architectures."""
+    """The class a checkpoint is loaded (and saved) with: captioning/VQA, InstructBLIP or retrieval, by its
+    architectures."""
+    if is_instructblip(config):
+        from mlx_blip2.models.instructblip import InstructBlipForConditionalGeneration
+
+        return InstructBlipForConditionalGeneration
     if is_retrieval(config):
         from mlx_blip2.models.retrieval import Blip2ForImageTextRetrieval
 
@@ -184,8 +196,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    if config.get("model_type", "blip-2") != "blip-2":
-        raise ConfigError(f"{path}: model_type is {config['model_type']!r}; expected a BLIP-2 checkpoint ('blip-2')")
+    if config.get("model_type", "blip-2") not in ("blip-2", "instructblip"):
+        raise ConfigError(f"{path}: model_type is {config['model_type']!r}; expected a BLIP-2 checkpoint ('blip-2') "
+                          "or an InstructBLIP one ('instructblip')")
     return config
 
 
@@ -203,6 +216,14 @@ def copy_support_files(source: Path, target: Path) -> list[str]:
             if f.is_file() and f.name not in NOT_COPIED:
                 shutil.copy2(f, target / f.name)
                 copied.append(f.name)
+    for folder in SUPPORT_FOLDERS:  # InstructBLIP's Q-Former tokenizer
+        if (source / folder).is_dir():
+            (target / folder).mkdir()
+            for pattern in COPY_PATTERNS:
+                for f in sorted((source / folder).glob(pattern)):
+                    if f.is_file():
+                        shutil.copy2(f, target / folder / f.name)
+                        copied.append(f"{folder}/{f.name}")
     return copied
 
 

@@ -1,43 +1,50 @@
 """BLIP-2 in MLX: captioning, visual question answering and retrieval, numerically faithful to transformers."""
 
+import importlib
+
 from . import _blas
 
 _blas.preload()  # must run before mlx.core is first imported
 
-from .generation.options import GenerationOptions  # noqa: E402
-from .images import open_image  # noqa: E402
-from .models.blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2Model  # noqa: E402
-from .models.opt import OPTConfig  # noqa: E402
-from .models.qformer import Blip2QFormerConfig, Blip2QFormerModel  # noqa: E402
-from .models.retrieval import (  # noqa: E402
-    Blip2ForImageTextRetrieval,
-    Blip2TextModelWithProjection,
-    Blip2VisionModelWithProjection,
-)
-from .models.t5 import T5Config  # noqa: E402
-from .models.vision import Blip2VisionConfig, Blip2VisionModel  # noqa: E402
-from .pipelines import load  # noqa: E402
-from .processing import Blip2ImageProcessor, Blip2Processor, load_image  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "Blip2Config",
-    "Blip2ForConditionalGeneration",
-    "Blip2ForImageTextRetrieval",
-    "Blip2ImageProcessor",
-    "Blip2Model",
-    "Blip2Processor",
-    "Blip2QFormerConfig",
-    "Blip2QFormerModel",
-    "Blip2TextModelWithProjection",
-    "Blip2VisionConfig",
-    "Blip2VisionModel",
-    "Blip2VisionModelWithProjection",
-    "GenerationOptions",
-    "OPTConfig",
-    "T5Config",
-    "load",
-    "load_image",
-    "open_image",
-]
+# The public names, imported on first use: `import mlx_blip2.photo_index` (search, duplicates) then starts without
+# loading mlx-lm and transformers, seconds on a small machine.
+_EXPORTS = {
+    "GenerationOptions": "generation.options",
+    "open_image": "images",
+    "Blip2Config": "models.blip2",
+    "Blip2ForConditionalGeneration": "models.blip2",
+    "Blip2Model": "models.blip2",
+    "InstructBlipConfig": "models.instructblip",
+    "InstructBlipForConditionalGeneration": "models.instructblip",
+    "InstructBlipQFormerModel": "models.instructblip",
+    "LlamaConfig": "models.llama",
+    "OPTConfig": "models.opt",
+    "Blip2QFormerConfig": "models.qformer",
+    "Blip2QFormerModel": "models.qformer",
+    "Blip2ForImageTextRetrieval": "models.retrieval",
+    "Blip2TextModelWithProjection": "models.retrieval",
+    "Blip2VisionModelWithProjection": "models.retrieval",
+    "T5Config": "models.t5",
+    "Blip2VisionConfig": "models.vision",
+    "Blip2VisionModel": "models.vision",
+    "load": "pipelines",
+    "Blip2ImageProcessor": "processing",
+    "Blip2Processor": "processing",
+    "load_image": "processing",
+    "InstructBlipProcessor": "processing_instructblip",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_blip2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from mlx_blip2 import Blip2Config, Blip2ForConditionalGeneration
 from mlx_blip2.models.loading import CheckpointError
-from mlx_blip2.quant import quantize_from_config
+from mlx_blip2.models.quant import quantize_from_config
 
 cm = importlib.import_module("mlx_blip2.convert.convert")  # the module (the package's `convert` is the function)
 from mlx_blip2.convert import convert, main  # noqa: E402

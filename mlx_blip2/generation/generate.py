@@ -46,7 +46,8 @@ def prepare_inputs(model, pixel_values=None, input_ids=None, attention_mask=None
         image_features = model.encode_images(pixel_values, interpolate_pos_encoding, **model_inputs)
     embeds, mask = model.merge_image_features(image_features, input_ids, attention_mask)
     if not model.config.use_decoder_only_language_model:
-        prompt = [[model.language_model.config.decoder_start_token_id]] * embeds.shape[0]
+        # One list per row: the penalties append each row's tokens to its own history.
+        prompt = [[model.language_model.config.decoder_start_token_id] for _ in range(embeds.shape[0])]
     elif model.config.image_token_index is None:
         prompt = [[] for _ in range(embeds.shape[0])]  # transformers 4.45 generated from embeddings alone
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlx.core as mx
@@ -13,12 +14,15 @@ from .retrieval import Blip2RetrievalPipeline
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 GENERATION_ARCHITECTURES = ("Blip2ForConditionalGeneration",)
+INSTRUCTBLIP_ARCHITECTURES = ("InstructBlipForConditionalGeneration",)
 
 
 def load(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: mx.Dtype | None = None):
     """Load a checkpoint (local directory or Hub repo id, original or converted) with its processor.
 
-    Captioning checkpoints give a :class:`Blip2Pipeline` (caption, ask); retrieval checkpoints
+    Captioning checkpoints give a :class:`Blip2Pipeline` (caption, ask); InstructBLIP checkpoints
+    (``InstructBlipForConditionalGeneration``) an :class:`~.instructblip.InstructBlipPipeline` (caption, ask,
+    describe); retrieval checkpoints
     (``Blip2ForImageTextRetrieval``, e.g. Salesforce/blip2-itm-vit-g) a :class:`Blip2RetrievalPipeline` (match,
     similarity, embed_images, embed_texts, rank).
     """
@@ -28,10 +32,29 @@ def load(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: mx.Dtype | N
     directory = resolve_checkpoint(path_or_repo_id)
     if "Blip2ForImageTextRetrieval" in architectures(directory):
         return Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype)
+    if _is_instructblip(directory):
+        # InstructBLIP (Vicuna or Flan-T5): caption, ask and describe with its own prompts and recipes.
+        from ..models.instructblip import InstructBlipForConditionalGeneration
+        from ..processing_instructblip import InstructBlipProcessor
+        from .instructblip import InstructBlipPipeline
+
+        processor = InstructBlipProcessor.from_pretrained(directory)  # first: a missing qformer_tokenizer/ fails fast
+        return InstructBlipPipeline(InstructBlipForConditionalGeneration.from_pretrained(directory, dtype=dtype),
+                                    processor)
     return Blip2Pipeline(
         Blip2ForConditionalGeneration.from_pretrained(directory, dtype=dtype),
         Blip2Processor.from_pretrained(directory),
     )
+
+
+def _is_instructblip(directory) -> bool:
+    """By ``architectures``, or by ``model_type`` for configs written without it."""
+    if any(a in INSTRUCTBLIP_ARCHITECTURES for a in architectures(directory)):
+        return True
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type") == "instructblip"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 KINDS = {"captioning": "Salesforce/blip2-opt-2.7b or Salesforce/blip2-flan-t5-xl",
