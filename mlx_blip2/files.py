@@ -54,6 +54,18 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8 (a caption, an error quoting a file name): undecodable bytes become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def path_fields(path: str) -> dict[str, str]:
     """A path for records and JSON: ``{"path": ...}`` as valid UTF-8 text, plus ``path_b64`` (base64 of the exact
     bytes) when the name is not valid UTF-8."""

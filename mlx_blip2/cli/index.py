@@ -51,6 +51,11 @@ def run(args) -> int:
         import mlx.core as mx
 
         dtype = getattr(mx, args.dtype)
+    from ..library.distributed import current_group
+
+    group = current_group()  # under mlx.launch (issue #14): the ranks share the embedding, rank 0 writes the index
+    if group is not None:
+        return _run_launched(args, group, dtype)
     try:
         with PhotoIndex(args.db) as db:
             report = index_paths(db, args.paths, model=args.model, recursive=args.recursive,
@@ -64,3 +69,26 @@ def run(args) -> int:
     except sqlite3.Error as e:
         raise PhotoIndexError(f"'{args.db}': {e}") from None
     return 1 if report.failed or report.still_failed else 0
+
+
+def _run_launched(args, group, dtype) -> int:
+    from ..photo_index import PhotoIndex
+    from ..photo_index.distributed import run_launched
+
+    try:
+        report, db_path = run_launched(args, group, dtype)
+    except Exception:
+        if group.rank:  # rank 0 reports; mlx.launch would stop rank 0 if another rank exited non-zero
+            return 0
+        raise
+    if report is None:
+        return 0
+    for path, reason in report.failed:
+        print(f"unreadable: {display_path(path)}: {reason}", file=sys.stderr)
+    for path, reason in report.still_failed:
+        print(f"still unreadable (unchanged since it failed): {display_path(path)}: {reason}", file=sys.stderr)
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    with PhotoIndex(db_path, create=False) as db:
+        print(f"{display_path(str(db.path))}: {report.summary()}; {db.count()} images searchable")
+    return 1 if report.failed or report.still_failed or report.errors else 0

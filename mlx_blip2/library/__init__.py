@@ -11,9 +11,15 @@ The data flow, one module per step:
 - :mod:`.sidecars` — ``.txt`` and XMP sidecars, with :mod:`.xmp` editing an existing packet's ``dc:description``
   (x-default) in place and :mod:`.atomic` replacing files crash-safely.
 - :mod:`.progress` — the progress bar (tqdm) and the summary line.
+- :mod:`.manifest` — ``--manifest FILE``: the images listed in a text, CSV or Parquet file, instead of a walk.
+- :mod:`.job` — the whole command: one process (:mod:`.run`), a job under ``mlx.launch`` (:mod:`.distributed`, with
+  each rank's records in a part file, :mod:`.parts`, merged into the output), or Parquet shards (:mod:`.parquet`).
 """
 
 from .atomic import atomic_write
+from .job import ALL_FORMATS, caption
+from .manifest import read_manifest
+from .parts import leftover_parts, merge_parts, part_path
 from .progress import Progress, Summary, format_duration
 from .records import CSV_COLUMNS, RecordWriter, record_path
 from .run import (
@@ -36,6 +42,7 @@ from .writer import FAIL, SKIP, TODO, PlainWriter, UsageError, Writer
 from .xmp import XmpError, update_xmp, xml_text, xmp_description
 
 __all__ = [
+    "ALL_FORMATS",
     "CSV_COLUMNS",
     "DEFAULT_BATCH_SIZE",
     "FAIL",
@@ -53,11 +60,16 @@ __all__ = [
     "Writer",
     "XmpError",
     "atomic_write",
+    "caption",
     "caption_files",
     "caption_options",
     "caption_paths",
     "format_duration",
+    "leftover_parts",
+    "merge_parts",
     "parse_shard",
+    "part_path",
+    "read_manifest",
     "record_path",
     "select_shard",
     "shard_index",

@@ -48,11 +48,18 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (display path, error)
     seconds: float = 0.0
     interrupted: bool = False
+    rank: int = 0  # a distributed run: only rank 0's summary is the job's
+    errors: list[str] = field(default_factory=list)  # a distributed run: ranks that stopped early, and why
+    usage_error: bool = False  # ... because of a usage error (a checkpoint of the wrong kind)
 
     @property
     def exit_code(self) -> int:
-        """0: every image captioned or skipped; 1: some failed; 130: interrupted."""
-        return 130 if self.interrupted else (1 if self.failed else 0)
+        """0: every image captioned or skipped; 1: some failed; 2: usage error on a rank; 130: interrupted."""
+        if self.interrupted:
+            return 130
+        if self.errors:
+            return 2 if self.usage_error else 1
+        return 1 if self.failed else 0
 
     def line(self) -> str:
         rate = f", {self.captioned / self.seconds:.2f} images/s" if self.captioned and self.seconds > 0 else ""

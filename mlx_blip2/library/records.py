@@ -19,20 +19,12 @@ import re
 import sys
 from collections.abc import Iterable
 
-from ..files import ImageFile, display_path
+from ..files import ImageFile, display_path, path_fields, utf8_text
 from .atomic import atomic_write
-from .writer import SKIP, TODO, UsageError, Writer, utf8_text
+from .writer import SKIP, TODO, UsageError, Writer
 
 CSV_COLUMNS = ("path", "caption", "error", "model", "prompt", "size", "mtime", "path_b64")
 LEGACY_CSV_COLUMNS = CSV_COLUMNS[:-1]  # files written before path_b64 existed: read, appended to, then upgraded
-
-
-def path_fields(path: str) -> dict[str, str]:
-    """``{"path": ...}`` as valid UTF-8 text, plus ``path_b64`` (the exact bytes) when the name is not valid UTF-8."""
-    shown = display_path(path)
-    if shown == path:
-        return {"path": path}
-    return {"path": shown, "path_b64": base64.b64encode(os.fsencode(path)).decode("ascii")}
 
 
 def record_path(record: dict) -> str:
@@ -243,6 +235,14 @@ class RecordWriter(Writer):
 
     def write(self, image, size, mtime, caption=None, error=None):
         record = make_record(image, size, mtime, caption, error, self.model, self.prompt)
+        self._emit(jsonl_line(record) if self.fmt == "jsonl" else csv_bytes([csv_row(record, self.columns)]))
+        if self._file is not None:
+            self._lines += 1
+            self._keep(record)
+
+    def append(self, record: dict) -> None:
+        """Add a record read from elsewhere (a part file being merged), as it is; durable at the next end_batch."""
+        record = _normalise(record)
         self._emit(jsonl_line(record) if self.fmt == "jsonl" else csv_bytes([csv_row(record, self.columns)]))
         if self._file is not None:
             self._lines += 1

@@ -17,14 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..files import ImageFile, display_path, find_images
+from ..files import ImageFile, display_path, find_images, utf8_text
 from ..generation.engine import Row
 from ..generation.options import CAPTION_DEFAULTS, GenerationOptions, resolve
+from .manifest import read_manifest
+from .parts import merge_leftovers
 from .progress import Progress, Summary
 from .records import RecordWriter
 from .shards import select_shard
 from .sidecars import XMP_NAMES, SidecarWriter, sidecar_conflicts
-from .writer import FAIL, SKIP, PlainWriter, UsageError, Writer, file_stat, utf8_text
+from .writer import FAIL, SKIP, PlainWriter, UsageError, Writer, file_stat
 
 FORMATS = ("jsonl", "csv", "txt", "xmp")
 DEFAULT_BATCH_SIZE = 8
@@ -132,7 +134,8 @@ class _Batches:
         self.writer.end_batch()
         self.advance(len(batch))
 
-    def run(self, todo: list[tuple], pool, batch_size: int, workers: int) -> None:
+    def steps(self, todo: list[tuple], pool, batch_size: int, workers: int):
+        """Caption ``todo``, yielding after each batch (a distributed run reports progress between batches)."""
         batch = []
         for item, future in _decode_ahead(todo, pool, self.captioner.preprocess, 2 * batch_size + workers):
             try:
@@ -143,10 +146,16 @@ class _Batches:
             if len(batch) == batch_size:
                 self.caption(batch)
                 batch = []
+                yield
         if batch:
             self.caption(batch)
         self.writer.end_batch()
         self.bar.update(self.done, len(self.summary.failed), force=True)
+        yield
+
+    def run(self, todo: list[tuple], pool, batch_size: int, workers: int) -> None:
+        for _ in self.steps(todo, pool, batch_size, workers):
+            pass
 
 
 def caption_files(pipe, files: Sequence[ImageFile], writer: Writer, *, existing: str = "skip",
@@ -202,13 +211,22 @@ def _output_format(output, format: str | None, xmp_name: str, batch_size: int) -
     return format
 
 
+def find_files(inputs: Sequence[str | os.PathLike], recursive: bool = False, manifest=None) -> list[ImageFile]:
+    """The images to caption: those a manifest lists, or those found in ``inputs`` (files and folders)."""
+    if manifest is not None:
+        if inputs:
+            raise UsageError("give image files and folders, or --manifest, not both")
+        return read_manifest(manifest)
+    return find_images(inputs, recursive).files
+
+
 def caption_paths(pipe, inputs: Sequence[str | os.PathLike], *, output: str | os.PathLike | None = None,
                   format: str | None = None, recursive: bool = False, xmp_name: str = XMP_NAMES[0],
                   existing: str = "skip", shard: tuple[int, int] | None = None, model_name: str | None = None,
                   prompt: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                   generate_kwargs: dict | None = None, progress: Progress | bool | None = False,
-                  stdout=None) -> tuple[Summary, list[str]]:
-    """Find the images in ``inputs`` and caption them: the whole of ``mlx-blip2 caption``.
+                  stdout=None, manifest: str | os.PathLike | None = None) -> tuple[Summary, list[str]]:
+    """Find the images in ``inputs`` (or the ``manifest``) and caption them: the whole of ``mlx-blip2 caption``.
 
     Without ``output`` and ``format`` captions are printed (``path: caption``); jsonl/csv go to ``output`` (or
     stdout); txt/xmp write sidecars. Returns the summary and notes (repairs made to the output file).
@@ -216,7 +234,7 @@ def caption_paths(pipe, inputs: Sequence[str | os.PathLike], *, output: str | os
     """
     format = _output_format(output, format, xmp_name, batch_size)
     caption_options(generate_kwargs, getattr(pipe, "caption_defaults", None))
-    files = find_images(inputs, recursive).files
+    files = find_files(inputs, recursive, manifest)
     if model_name is None and hasattr(pipe, "model"):
         model_name = str(getattr(pipe.model, "checkpoint_dir", "") or "") or None
     mine = select_shard(files, shard)
@@ -227,6 +245,7 @@ def caption_paths(pipe, inputs: Sequence[str | os.PathLike], *, output: str | os
         writer = PlainWriter(stdout, bare=len(mine) == 1)
     else:
         writer = RecordWriter(format, model_name, prompt, path=output, stream=stdout)
+        merge_leftovers(writer)  # what a killed distributed run left beside the output
     summary = caption_files(pipe, mine, writer, existing=existing, batch_size=batch_size, workers=workers,
                             prompt=prompt, generate_kwargs=generate_kwargs, progress=progress)
     return summary, writer.notes

@@ -18,18 +18,6 @@ class UsageError(ValueError):
     """A problem with the command line or its inputs (exit status 2)."""
 
 
-def utf8_text(text: str) -> str:
-    """``text`` as valid UTF-8: the undecodable bytes of a file name (surrogate escapes) shown as U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:
-            return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
 def file_stat(path: str) -> tuple[int | None, float | None]:
     """(size, mtime), or (None, None) for a file that disappeared or can't be read."""
     try:

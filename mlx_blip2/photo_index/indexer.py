@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import display_path, find_images
-from .store import Entry, Move, PhotoIndex, PhotoIndexError, utf8_text
+from ..files import display_path, find_images, utf8_text
+from .store import Entry, Move, PhotoIndex, PhotoIndexError
 
 
 @dataclass

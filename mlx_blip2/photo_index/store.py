@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import utf8_text
 from .migrate import compact, migrate_v1
 from .schema import SCHEMA_VERSION, create_schema
 from .vectors import VectorFileError, VectorWriter, open_matrix
@@ -300,15 +301,3 @@ class PhotoIndex:
             return False
         compact(self)
         return True
-
-
-def utf8_text(reason: str) -> str:
-    """An error message as valid UTF-8 (it may quote a file name that is not): undecodable bytes become U+FFFD."""
-    try:
-        reason.encode("utf-8")
-        return reason
-    except UnicodeEncodeError:
-        try:
-            return reason.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:
-            return reason.encode("utf-8", "surrogatepass").decode("utf-8", "replace")

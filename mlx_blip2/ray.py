@@ -1,0 +1,132 @@
+"""Ray Data adapters: caption or embed a dataset with ``Dataset.map_batches`` on a pool of actors.
+
+    import ray
+    from mlx_blip2.ray import Captioner
+    ds = ray.data.read_images("s3://bucket/photos/", include_paths=True)      # or from_items([{"path": ...}])
+    ds = ds.map_batches(Captioner, fn_constructor_kwargs={"model": "Salesforce/blip2-opt-2.7b"},
+                        batch_size=16, concurrency=4)                           # 4 actors, one model each
+    ds.select_columns(["path", "caption", "error"]).write_parquet("captions/")
+
+Each actor loads the model once. A batch holds images (arrays, as ``read_images`` gives them; bytes, as
+``read_binary_files`` gives them; PIL images) or file paths, in the column ``column`` ("image" by default, or
+"path"); the other columns are passed through. Every row gets its result and an ``error`` column (None when all went
+well): one bad image never fails the batch. Captions are those of ``Blip2Pipeline.caption`` with the same options.
+This module imports without Ray (``pip install 'mlx-blip2[ray]'`` to use Ray itself).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def _column(batch, column: str) -> list:
+    """The values of a column: file paths (str), image arrays, bytes or PIL images."""
+    if column not in batch:
+        raise KeyError(f"the batch has no column {column!r} (columns: {list(batch.keys())}); pass column=...")
+    return list(batch[column])
+
+
+class _Actor:
+    """Shared by the adapters: the batch's images decoded in threads, each error caught per row."""
+
+    def __init__(self, column: str, workers: int | None):
+        self.column = column
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+
+    def _decode(self, preprocess, values: list) -> tuple[list, list]:
+        def one(value):
+            try:
+                value = os.fspath(value) if isinstance(value, os.PathLike) else value
+                return preprocess(value), None
+            except Exception as e:  # noqa: BLE001 - one bad image never fails the batch
+                return None, str(e) or type(e).__name__
+
+        results = list(self.pool.map(one, values))
+        return [r[0] for r in results], [r[1] for r in results]
+
+    @staticmethod
+    def _out(batch, **columns) -> dict:
+        out = {k: np.asarray(batch[k]) for k in batch.keys()}  # noqa: SIM118 - a dict or a DataFrame
+        for name, values in columns.items():
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+            out[name] = array
+        return out
+
+
+class Captioner(_Actor):
+    """``Dataset.map_batches(Captioner, fn_constructor_kwargs={"model": ...})``: adds ``caption`` and ``error``.
+
+    ``model``: a captioning checkpoint (path or Hub id); ``column``: the images or paths; ``prompt`` and generation
+    options (``max_new_tokens``, ``num_beams``...) as ``Blip2Pipeline.caption`` takes them."""
+
+    def __init__(self, model: str, column: str = "image", prompt: str | None = None, dtype: str | None = None,
+                 workers: int | None = None, **generate_kwargs):
+        from .library.run import BatchCaptioner
+        from .pipelines import load
+
+        super().__init__(column, workers)
+        pipe = load(model, dtype=_dtype(dtype))
+        self.captioner = BatchCaptioner(pipe, prompt, **generate_kwargs)
+
+    def _caption(self, pixels: list) -> list[tuple[str | None, str | None]]:
+        try:
+            return [(c, None) for c in self.captioner(pixels)]
+        except Exception as e:  # noqa: BLE001 - the batch fails: each image alone, so only the bad one fails
+            if len(pixels) == 1:
+                return [(None, f"captioning failed: {type(e).__name__}: {e}")]
+            return [r for p in pixels for r in self._caption([p])]
+
+    def __call__(self, batch) -> dict:
+        pixels, errors = self._decode(self.captioner.preprocess, _column(batch, self.column))
+        good = [i for i, e in enumerate(errors) if e is None]
+        captions: list[str | None] = [None] * len(errors)
+        for i, (caption, error) in zip(good, self._caption([pixels[i] for i in good]) if good else []):
+            captions[i], errors[i] = caption, error
+        return self._out(batch, caption=captions, error=errors)
+
+
+class ImageEmbedder(_Actor):
+    """``Dataset.map_batches(ImageEmbedder, fn_constructor_kwargs={"model": ...})``: adds ``embedding`` and
+    ``error``. ``model``: a retrieval checkpoint (only its vision half is loaded). ``embedding``: the normalised ITC
+    query embeddings (Q, D) float32 that ``mlx-blip2 index`` stores, or their mean (D,), re-normalised, when
+    ``pooled``; None for an image that failed."""
+
+    def __init__(self, model: str, column: str = "image", pooled: bool = False, dtype: str | None = None,
+                 workers: int | None = None):
+        from .photo_index import load_engine
+
+        super().__init__(column, workers)
+        self.engine = load_engine(model, dtype=_dtype(dtype))
+        self.pooled = pooled
+
+    def _embed(self, pixels: list) -> list[tuple[np.ndarray | None, str | None]]:
+        try:
+            embeds = self.engine.embed_images(pixels, preprocessed=True)
+        except Exception as e:  # noqa: BLE001
+            if len(pixels) == 1:
+                return [(None, f"embedding failed: {type(e).__name__}: {e}")]
+            return [r for p in pixels for r in self._embed([p])]
+        if self.pooled:
+            embeds = embeds.mean(axis=1)
+            embeds = embeds / np.linalg.norm(embeds, axis=-1, keepdims=True)
+        return [(e, None) for e in embeds]
+
+    def __call__(self, batch) -> dict:
+        pixels, errors = self._decode(self.engine.preprocess, _column(batch, self.column))
+        good = [i for i, e in enumerate(errors) if e is None]
+        embeddings: list[np.ndarray | None] = [None] * len(errors)
+        for i, (embedding, error) in zip(good, self._embed([pixels[i] for i in good]) if good else []):
+            embeddings[i], errors[i] = embedding, error
+        return self._out(batch, embedding=embeddings, error=errors)
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import mlx.core as mx
+
+    return getattr(mx, name)
