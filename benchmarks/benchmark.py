@@ -115,7 +115,8 @@ def child_mlx(checkpoint: Path, dtype_name: str, tokens: int) -> dict:
     return dict(load_s=load_s, encode_s=encode_s, prefill_s=prefill_s, decode_tps=decode_tps, e2e_s=e2e_s,
                 batch8_images_per_min=8 * 60 / batch_s, peak_gb=mx.get_peak_memory() / 1e9, rss_gb=rss_peak_gb(),
                 lm_bytes=lm_bytes, device=str(mx.default_device()),
-                blas=f"{mlx_blip2._blas.status[0]} ({mlx_blip2._blas.status[1]})")
+                blas=f"{mlx_blip2._blas.status[0]} ({mlx_blip2._blas.status[1]})",
+                cpu=mlx_blip2._blas.cpu_model())
 
 
 def child_torch(checkpoint: Path, dtype_name: str, tokens: int) -> dict:
@@ -310,8 +311,9 @@ def main() -> None:
     for variant in variants:
         results[variant] = best_of(rounds[variant])
         results[variant].update(disk_gb=disk_gb(checkpoints[variant]), bandwidth_gbs=bandwidth)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     blas = next((r["blas"] for r in results.values() if r.get("blas")), "n/a")
+    cpu = next((r["cpu"] for r in results.values() if r.get("cpu")), platform.processor())
+    machine = f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     md = (f"Machine: {machine}; memory read bandwidth {bandwidth:.1f} GB/s measured in this run (rows kept by "
           f"--update use their own run's for the % of the limit); MLX's BLAS: {blas}. "
           f"Random-weight blip2-opt-2.7b, one 224 px image, {args.tokens} greedy tokens; best of {args.rounds} "

@@ -292,3 +292,20 @@ def test_logits_to_keep_gives_the_last_positions(loaded):
     np.testing.assert_allclose(np.array(lm(input_ids=ids, logits_to_keep=1)), np.array(full[:, -1:]), rtol=1e-5,
                                atol=1e-6)
     assert lm(input_ids=ids, logits_to_keep=2).shape[1] == 2
+
+
+def test_transposed_attention_matches_fused_attention():
+    # The ViT's copy-free CPU attention (from the transposed qkv projection) against MLX's fused kernel.
+    from mlx_blip2.models.cpu_math import attention_from_qkv_t
+
+    B, H, hd, L = 3, 4, 8, 17
+    x = mx.random.normal((B, L, H * hd), key=mx.random.key(0))
+    w = mx.random.normal((3 * H * hd, H * hd), key=mx.random.key(1)) * 0.3
+    for bias in (None, mx.random.normal((3 * H * hd,), key=mx.random.key(2))):
+        qkv = x @ w.T + (0 if bias is None else bias)
+        qkv_t = qkv.swapaxes(1, 2)  # (B, 3D, L)
+        q, k, v = (qkv[..., i * H * hd:(i + 1) * H * hd].reshape(B, L, H, hd).transpose(0, 2, 1, 3) for i in range(3))
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5)  # (B, H, L, hd)
+        got = attention_from_qkv_t(qkv_t, H, hd ** -0.5)  # (B, D, L)
+        got = got.reshape(B, H, hd, L).swapaxes(-1, -2)
+        assert rel_error(got, np.array(expected)) < 1e-6
