@@ -187,8 +187,9 @@ def prepare_mlx(variant: str, source: Path) -> Path:
     return out
 
 
-def run_child(variant: str, checkpoint: Path, tokens: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--checkpoint", str(checkpoint), "--tokens", str(tokens)]
+def run_child(variant: str, checkpoint: Path, tokens: int, script: str = __file__) -> dict:
+    """One variant measured in a fresh process (``script --child VARIANT``): its last stdout line is the JSON result."""
+    cmd = [sys.executable, script, "--child", variant, "--checkpoint", str(checkpoint), "--tokens", str(tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}

@@ -10,15 +10,7 @@ from collections.abc import Sequence
 from .distributed import Group, Job, caption_distributed, current_group, end_job
 from .parquet import DEFAULT_SHARD_SIZE, caption_parquet
 from .progress import Summary
-from .run import (
-    DEFAULT_BATCH_SIZE,
-    FORMATS,
-    _output_format,
-    caption_options,
-    caption_paths,
-    find_files,
-)
-from .shards import select_shard
+from .run import DEFAULT_BATCH_SIZE, FORMATS, _output_format, caption_paths, plan
 from .sidecars import XMP_NAMES
 from .writer import UsageError
 
@@ -66,11 +58,7 @@ def caption(pipe, inputs: Sequence[str | os.PathLike], *, output=None, format: s
         _output_format(None, None, xmp_name, batch_size)
     else:
         format = _output_format(output, format, xmp_name, batch_size)
-    caption_options(generate_kwargs, getattr(pipe, "caption_defaults", None))
-    files = find_files(inputs, recursive, manifest)
-    if model_name is None and hasattr(pipe, "model"):
-        model_name = str(getattr(pipe.model, "checkpoint_dir", "") or "") or None
-    mine = select_shard(files, shard)
+    files, mine, model_name = plan(pipe, inputs, recursive, manifest, shard, model_name, generate_kwargs)
     kwargs = {"model_name": model_name, "prompt": prompt, "existing": existing, "batch_size": batch_size,
               "workers": workers, "generate_kwargs": dict(generate_kwargs or {}), "progress": progress}
     if format == "parquet":

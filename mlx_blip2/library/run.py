@@ -211,6 +211,15 @@ def _output_format(output, format: str | None, xmp_name: str, batch_size: int) -
     return format
 
 
+def plan(pipe, inputs, recursive: bool, manifest, shard, model_name: str | None, generate_kwargs: dict | None):
+    """Check the options and find the files, before any model is loaded: (all files, this shard's, model name)."""
+    caption_options(generate_kwargs, getattr(pipe, "caption_defaults", None))
+    files = find_files(inputs, recursive, manifest)
+    if model_name is None and hasattr(pipe, "model"):
+        model_name = str(getattr(pipe.model, "checkpoint_dir", "") or "") or None
+    return files, select_shard(files, shard), model_name
+
+
 def find_files(inputs: Sequence[str | os.PathLike], recursive: bool = False, manifest=None) -> list[ImageFile]:
     """The images to caption: those a manifest lists, or those found in ``inputs`` (files and folders)."""
     if manifest is not None:
@@ -233,11 +242,7 @@ def caption_paths(pipe, inputs: Sequence[str | os.PathLike], *, output: str | os
     Raises UsageError (or FileNotFoundError for a missing input) before loading anything.
     """
     format = _output_format(output, format, xmp_name, batch_size)
-    caption_options(generate_kwargs, getattr(pipe, "caption_defaults", None))
-    files = find_files(inputs, recursive, manifest)
-    if model_name is None and hasattr(pipe, "model"):
-        model_name = str(getattr(pipe.model, "checkpoint_dir", "") or "") or None
-    mine = select_shard(files, shard)
+    files, mine, model_name = plan(pipe, inputs, recursive, manifest, shard, model_name, generate_kwargs)
     if format in ("txt", "xmp"):
         writer = SidecarWriter(format, xmp_name)
         writer.conflicts = sidecar_conflicts(files, writer.sidecar)  # on every file, so that all shards agree
