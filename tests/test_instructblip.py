@@ -251,3 +251,11 @@ def test_live_processor_logits_and_ids(live, n):
                                    input_ids=ids, attention_mask=mask, do_sample=False, **kw)
                 want = want[:, 1:] if is_t5(name) else want[:, ids.shape[1]:]
         np.testing.assert_array_equal(np.array(ours.generate(*arrays, **kw)), want.numpy(), err_msg=option)
+
+
+def test_a_blip2_class_refuses_an_instructblip_checkpoint():
+    from mlx_blip2 import Blip2ForConditionalGeneration
+    from mlx_blip2.models.base import ConfigError
+
+    with pytest.raises(ConfigError, match="InstructBLIP checkpoint.*mlx_blip2.load"):
+        Blip2ForConditionalGeneration.from_pretrained(FIXTURES / "tiny-instructblip-vicuna")

@@ -50,6 +50,9 @@ class Blip2Config(BaseConfig):
                   require_text_config: bool = True) -> "Blip2Config":
         """``require_text_config=False`` for retrieval checkpoints, which have no language model."""
         params = dict(params)
+        if cls is Blip2Config and params.get("model_type") == "instructblip":
+            raise ConfigError(f"{source} is an InstructBLIP checkpoint: load it with mlx_blip2.load() or "
+                              "InstructBlipForConditionalGeneration.from_pretrained()")
         text = params.get("text_config")
         if not require_text_config and not isinstance(text, dict):
             text = {"model_type": "opt"}
