@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import platform
 import site
@@ -196,11 +197,27 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def local_ranks() -> int:
+    """How many ``mlx.launch`` ranks run on this machine (1 outside a launch): they share its cores, and BLIS's
+    spinning threads slow down badly when more threads than cores compete. Read from the launch's hostfile
+    (``MLX_HOSTFILE``: one list of "ip:port" per rank); any other layout counts as 1."""
+    path, rank = os.environ.get("MLX_HOSTFILE"), os.environ.get("MLX_RANK")
+    if not path or rank is None:
+        return 1
+    try:
+        hosts = json.loads(Path(path).read_text())
+        ip = [str(entry[0]).rsplit(":", 1)[0] for entry in hosts]
+        return max(1, ip.count(ip[int(rank)]))
+    except (OSError, ValueError, IndexError, TypeError, KeyError):
+        return 1
+
+
 def _tune_blis(lib: ctypes.CDLL) -> tuple[str, list[str]]:
     """Threads, and small-matrix thresholds for BLIS 0.6-0.9 (1.0 changed that API: left at its defaults there)."""
     notes = []
     if not any(os.environ.get(v) for v in _BLIS_THREAD_VARS):
-        os.environ["BLIS_NUM_THREADS"] = str(os.cpu_count() or 1)  # BLIS is single-threaded unless told
+        # BLIS is single-threaded unless told; ranks of one launch on this machine split its cores.
+        os.environ["BLIS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local_ranks()))
         info["threads_set"] = ["BLIS_NUM_THREADS"]
         notes.append(f"{os.environ['BLIS_NUM_THREADS']} threads")
     lib.bli_info_get_version_str.restype = ctypes.c_char_p
@@ -223,7 +240,7 @@ def _mkl_threads_env() -> list[str]:
     """MKL_NUM_THREADS = physical cores unless the user chose (MKL_NUM_THREADS or OMP_NUM_THREADS); before loading."""
     if any(os.environ.get(v) for v in _MKL_THREAD_VARS):
         return []
-    os.environ["MKL_NUM_THREADS"] = str(physical_cores())
+    os.environ["MKL_NUM_THREADS"] = str(max(1, physical_cores() // local_ranks()))
     info["threads_set"] = ["MKL_NUM_THREADS"]
     return [f"{os.environ['MKL_NUM_THREADS']} threads"]
 

@@ -1,5 +1,6 @@
 """The optimised-BLAS preload: chosen by processor vendor, switchable, diagnosed, and numerically right."""
 
+import json
 import os
 import subprocess
 import sys
@@ -181,3 +182,20 @@ def test_blis_is_tuned_and_correct_on_both_kernel_families():
     # A thread count the user chose is kept.
     (_, reason), _, threads, _, _, _, _ = products(MLX_BLIP2_BLAS="blis", BLIS_NUM_THREADS="1")
     assert threads["BLIS_NUM_THREADS"] == "1" and "threads" not in reason
+
+
+def test_ranks_of_one_launch_split_the_cores(tmp_path):
+    # mlx.launch writes one "ip:port" list per rank; ranks on the same machine share its cores.
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["10.0.0.2:5002"]]))
+    code = "import mlx_blip2._blas as b; print(b.local_ranks())"
+    assert run(code, MLX_HOSTFILE=str(hostfile), MLX_RANK="0") == "2"
+    assert run(code, MLX_HOSTFILE=str(hostfile), MLX_RANK="2") == "1"
+    assert run(code, MLX_HOSTFILE=None, MLX_RANK=None) == "1"
+    hostfile.write_text("not json")
+    assert run(code, MLX_HOSTFILE=str(hostfile), MLX_RANK="0") == "1"
+    hostfile.write_text(json.dumps([["127.0.0.1:1"], ["127.0.0.1:2"]]))
+    threads = run("import os, mlx_blip2; print(os.environ.get('BLIS_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))",
+                  MLX_HOSTFILE=str(hostfile), MLX_RANK="1", BLIS_NUM_THREADS=None, MKL_NUM_THREADS=None,
+                  OMP_NUM_THREADS=None, MLX_BLIP2_BLAS="")
+    assert str(max(1, (os.cpu_count() or 1) // 2)) in threads.split()  # the loaded library's count, halved
