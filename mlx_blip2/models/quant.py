@@ -85,7 +85,11 @@ class RowsDequantizedLinear(nn.QuantizedLinear):
         w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
                           mode=self.mode)
         y = x @ w.T.astype(x.dtype)
-        return y + self.bias if "bias" in self else y
+        y = y + self.bias if "bias" in self else y
+        # Evaluated here: the dequantized weights depend on nothing but the parameters, so in one lazy graph MLX
+        # may compute many of them before their products (a 4-bit 7B model peaked at 17 GB in a prefill).
+        mx.eval(y)
+        return y
 
 
 def compute_dtype(layer: nn.Module):
