@@ -41,13 +41,20 @@ def build(out: Path = DEFAULT_OUT) -> Path:
     with torch.no_grad():
         model = Blip2ForConditionalGeneration(config).eval()
     torch.set_default_dtype(torch.float32)
+    return save_checkpoint(model, out, ROOT / "tests" / "fixtures" / "tiny-blip2-opt", tic)
+
+
+def save_checkpoint(model, out: Path, tiny: Path, tic: float) -> Path:
+    """Save ``model`` in the Hub layout with the tiny checkpoint's tokenizer and processor files (32 queries, 224 px),
+    atomically: built in a temporary folder beside ``out``, renamed at the end."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".building-"))
     model.save_pretrained(tmp, max_shard_size="5GB")
-    tiny = ROOT / "tests" / "fixtures" / "tiny-blip2-opt"
     for f in tiny.iterdir():
         if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
             shutil.copy(f, tmp / f.name)
+    if (tiny / "qformer_tokenizer").is_dir():  # InstructBLIP's second tokenizer
+        shutil.copytree(tiny / "qformer_tokenizer", tmp / "qformer_tokenizer")
     proc = json.loads((tmp / "processor_config.json").read_text())
     proc["num_query_tokens"] = 32
     proc["image_processor"]["size"] = {"height": 224, "width": 224}

@@ -16,14 +16,14 @@ makes a small smoke-test build (same widths).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_checkpoint import save_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "cache" / "instructblip-vicuna-7b-random"
@@ -52,21 +52,7 @@ def build(out: Path = DEFAULT_OUT, text_layers: int = 32) -> Path:
     with torch.no_grad():
         model = InstructBlipForConditionalGeneration(config).eval()
     torch.set_default_dtype(torch.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".building-"))
-    model.save_pretrained(tmp, max_shard_size="5GB")
-    del model
-    for f in TINY.iterdir():
-        if f.suffix == ".json" and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy(f, tmp / f.name)
-    shutil.copytree(TINY / "qformer_tokenizer", tmp / "qformer_tokenizer")
-    proc = json.loads((tmp / "processor_config.json").read_text())
-    proc["num_query_tokens"] = 32
-    proc["image_processor"]["size"] = {"height": 224, "width": 224}
-    (tmp / "processor_config.json").write_text(json.dumps(proc, indent=2))
-    tmp.rename(out)
-    print(f"built {out} in {time.perf_counter() - tic:.0f} s")
-    return out
+    return save_checkpoint(model, out, TINY, tic)
 
 
 MEASURE = """

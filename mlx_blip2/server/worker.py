@@ -223,11 +223,7 @@ class ModelWorker:
             for job in jobs:  # each alone: only the request that is too long fails
                 self._settle([job])
             return
-        i = 0
-        for job in jobs:
-            n = len(job.payload["rows"])
-            job.future.set_result(results[i:i + n])
-            i += n
+        _hand_out(jobs, "rows", results)
 
     def _run_stream(self, jobs: list[Job]) -> None:
         (job,) = jobs
@@ -248,12 +244,7 @@ class ModelWorker:
     # --- retrieval ---
 
     def _run_embed_images(self, jobs: list[Job]) -> None:
-        embeds = self.pipeline.embed_images([im for job in jobs for im in job.payload["images"]])
-        i = 0
-        for job in jobs:
-            n = len(job.payload["images"])
-            job.future.set_result(embeds[i:i + n])
-            i += n
+        _hand_out(jobs, "images", self.pipeline.embed_images([im for job in jobs for im in job.payload["images"]]))
 
     def _run_embed_texts(self, jobs: list[Job]) -> None:
         embeds = self.pipeline.embed_texts([t for job in jobs for t in job.payload["texts"]])
@@ -279,3 +270,12 @@ class ModelWorker:
                 job.future.set_result([float(s) for s in list(scores)])
             except Exception as e:  # noqa: BLE001 - one job's failure is its own
                 job.future.set_exception(e)
+
+
+def _hand_out(jobs: list[Job], key: str, results) -> None:
+    """Give each job of a batched call its slice of the results, in order (``len(job.payload[key])`` items)."""
+    i = 0
+    for job in jobs:
+        n = len(job.payload[key])
+        job.future.set_result(results[i:i + n])
+        i += n
