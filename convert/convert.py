@@ -47,9 +47,9 @@ from typing import Any, Callable, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_blip2.models.blip2 import Blip2ForConditionalGeneration
 from mlx_blip2.models.base import ConfigError
 from mlx_blip2.models.loading import CheckpointError, resolve_checkpoint
+from mlx_blip2.models.registry import RETRIEVAL, model_spec
 
 PROG = "mlx-blip2-convert"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -88,29 +88,6 @@ def default_dtype(config: dict[str, Any]) -> str:
     """float16, or bfloat16 for a T5 language model (T5's activations overflow float16)."""
     text = config.get("text_config") or {}
     return "bfloat16" if isinstance(text, dict) and text.get("model_type") == "t5" else "float16"
-
-
-def is_retrieval(config: dict[str, Any]) -> bool:
-    return "Blip2ForImageTextRetrieval" in (config.get("architectures") or [])
-
-
-def is_instructblip(config: dict[str, Any]) -> bool:
-    return config.get("model_type") == "instructblip" or \
-        "InstructBlipForConditionalGeneration" in (config.get("architectures") or [])
-
-
-def model_class(config: dict[str, Any]) -> type:
-    """The class a checkpoint is loaded (and saved) with: captioning/VQA, InstructBLIP or retrieval, by its
-    architectures."""
-    if is_instructblip(config):
-        from mlx_blip2.models.instructblip import InstructBlipForConditionalGeneration
-
-        return InstructBlipForConditionalGeneration
-    if is_retrieval(config):
-        from mlx_blip2.models.retrieval import Blip2ForImageTextRetrieval
-
-        return Blip2ForImageTextRetrieval
-    return Blip2ForConditionalGeneration
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -414,8 +391,9 @@ def convert(
 
     # --- load, (de)quantize ---
     info(f"Loading {hf_path} in {dtype}")
-    retrieval = is_retrieval(config)
-    model = model_class(config).from_pretrained(source, dtype=DTYPES[dtype])
+    spec = model_spec(config)
+    retrieval = spec.kind == RETRIEVAL
+    model = spec.model_class.from_pretrained(source, dtype=DTYPES[dtype])
     config = copy.deepcopy(config)
     for key in ("dtype", "torch_dtype"):
         if key in config:

@@ -46,10 +46,10 @@ def load_pipeline(args, kind: str, command: str, default: str | None = None):
     a checkpoint of another kind is a usage error that says which kind ``command`` needs."""
     import mlx.core as mx
 
-    from ..models.retrieval import architectures
     from ..models.loading import resolve_checkpoint
-    from ..pipelines import DEFAULT_MODEL, load, require_kind
+    from ..models.registry import require_kind
+    from ..pipelines import DEFAULT_MODEL, load
 
     model = args.model or default or DEFAULT_MODEL
-    require_kind(architectures(resolve_checkpoint(model)), kind, command)
+    require_kind(resolve_checkpoint(model), kind, command)
     return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None)

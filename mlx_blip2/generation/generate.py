@@ -1,7 +1,7 @@
-"""``generate``: transformers' entry point over tensors (pixel values or image features, prompt ids, mask).
+"""Generation over tensors (pixel values or image features, prompt ids, mask): the inputs prepared once, then the
+lazy decode loop of :mod:`.decoding`; and :class:`GenerationMixin`, transformers' ``model.generate`` built on them.
 
-The image is encoded once; the language model then runs the lazy decode loop of :mod:`.decoding`. Options are
-those of :class:`~mlx_blip2.generation.options.GenerationOptions`, validated before any work is done.
+Options are those of :class:`~mlx_blip2.generation.options.GenerationOptions`, validated before any work is done.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..models.base import check_pixel_values
 from .decoding import CancellableRunner, LogitsProcessors, beam_search, generate_step, greedy, make_runner
-from .options import GenerationOptions
+from .options import GenerationOptions, eos_id_list
 
 
 def eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        eos_token_id = model.config.text_config.eos_token_id
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    """The ids that end generation: ``eos_token_id``, or the language model's when it is None."""
+    return eos_id_list(model.config.text_config.eos_token_id if eos_token_id is None else eos_token_id)
 
 
 @dataclass
@@ -90,21 +87,25 @@ def decode(model, inputs: PreparedInputs, options: GenerationOptions,
     return mx.array(steps, dtype=mx.int32).T
 
 
-def generate(model, pixel_values=None, input_ids=None, attention_mask=None, *, image_features=None,
-             should_stop: Callable[[], bool] | None = None, qformer_input_ids=None, qformer_attention_mask=None,
-             **options) -> mx.array:
-    """Generate new token ids for a batch of images and (optional) prompts; returns (B * num_return_sequences, T).
+class GenerationMixin:
+    """transformers' ``generate`` for a network of :mod:`mlx_blip2.models` (``encode_images``,
+    ``merge_image_features``, ``language_model``): see :mod:`.conditional`."""
 
-    Options follow transformers' ``generate`` (see ``GenerationOptions``): greedy by default, beam search with
-    ``num_beams > 1``, sampling (temperature, top-k, top-p, min-p; reproducible with ``seed``) with
-    ``do_sample=True``. ``image_features`` (from ``model.encode_images``) may replace ``pixel_values`` so that
-    several prompts on one image encode it once. ``should_stop()``, checked before every decode step, cancels the
-    generation with ``GenerationCancelled``.
-    """
-    opts = GenerationOptions(**options)
-    extra = {}
-    if qformer_input_ids is not None:  # InstructBLIP: the instruction reaches the Q-Former too
-        extra = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
-    inputs = prepare_inputs(model, pixel_values, input_ids, attention_mask, image_features,
-                            opts.interpolate_pos_encoding, **extra)
-    return decode(model, inputs, opts, should_stop)
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, *, image_features=None,
+                 should_stop: Callable[[], bool] | None = None, qformer_input_ids=None, qformer_attention_mask=None,
+                 **options) -> mx.array:
+        """New token ids only, (B * num_return_sequences, T); rows that ended early are padded with the pad id.
+
+        Options follow transformers' ``generate`` (see ``GenerationOptions``): greedy by default, beam search with
+        ``num_beams > 1``, sampling (temperature, top-k, top-p, min-p; reproducible with ``seed``) with
+        ``do_sample=True``. ``image_features`` (from ``encode_images``) may replace ``pixel_values`` so that
+        several prompts on one image encode it once. ``should_stop()``, checked before every decode step, cancels
+        the generation with ``GenerationCancelled``.
+        """
+        opts = GenerationOptions(**options)
+        extra = {}
+        if qformer_input_ids is not None:  # InstructBLIP: the instruction reaches the Q-Former too
+            extra = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+        inputs = prepare_inputs(self, pixel_values, input_ids, attention_mask, image_features,
+                                opts.interpolate_pos_encoding, **extra)
+        return decode(self, inputs, opts, should_stop)

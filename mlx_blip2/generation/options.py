@@ -60,6 +60,13 @@ class GenerationOptions:
                 if not public_only or f.metadata["public"]}
 
 
+def eos_id_list(eos_token_id: Union[int, Sequence[int], None]) -> list[int]:
+    """An end-of-sequence setting (one id, several, or None for none) as a list of ids."""
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationOptions)}
 PUBLIC_OPTIONS = tuple(name for name, f in OPTION_FIELDS.items() if f.metadata["public"])
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p")

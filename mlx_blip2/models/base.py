@@ -52,6 +52,15 @@ def additive_mask(mask: mx.array | None, dtype) -> mx.array | None:
     return mx.where(mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
 
 
+def causal_padding_mask(attention_mask: mx.array, query_length: int, dtype) -> mx.array:
+    """(B, S) keep-mask -> (B, 1, L, S) additive mask, causal over the last L of the S keys."""
+    S = attention_mask.shape[1]
+    offset = S - query_length
+    causal = mx.arange(S)[None, :] <= (mx.arange(query_length)[:, None] + offset)
+    keep = causal[None, None] & attention_mask[:, None, None, :].astype(mx.bool_)
+    return mx.where(keep, 0.0, mx.finfo(dtype).min).astype(dtype)
+
+
 def as_array(x, name: str, ndim: int, dtype=None) -> mx.array:
     """numpy, mx, lists or torch tensors -> mx.array of the expected rank."""
     if x is None:

@@ -16,22 +16,17 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .base import (BaseConfig, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
                    ConfigError, as_array, check_pixel_values)
-from .loading import CheckpointError, load_safetensors, resolve_checkpoint
+from .loading import load_safetensors, load_weights, resolve_checkpoint
 from .opt import OPTConfig, OPTForCausalLM
 from .qformer import Blip2QFormerConfig, Blip2QFormerModel
-from .quant import quantize_from_config
-from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
 from .t5 import T5Config, T5ForConditionalGeneration
 from .vision import Blip2VisionConfig, Blip2VisionModel
 
 LANGUAGE_MODELS = {"opt": OPTForCausalLM, "t5": T5ForConditionalGeneration}
 TEXT_CONFIGS = {"opt": OPTConfig, "t5": T5Config}
-# transformers keeps these in float32 whatever the model's dtype (``_keep_in_fp32_modules``).
-FP32_PREFIXES = ("qformer.", "query_tokens")
 
 
 @dataclass
@@ -228,52 +223,3 @@ class Blip2Model(nn.Module):
         directory = resolve_checkpoint(path_or_repo_id)
         model = cls(Blip2Config.from_file(directory / "config.json"))
         return load_weights(model, directory, model.sanitize(load_safetensors(directory)), dtype)
-
-
-def load_weights(model: nn.Module, directory, weights: dict[str, mx.array], dtype: mx.Dtype | None = None,
-                 drop_unused: bool = False) -> nn.Module:
-    """Rebuild quantized layers, cast and load ``weights`` strictly: the loading path of every BLIP-2 class.
-
-    ``drop_unused`` lets a class that needs part of a checkpoint (retrieval's vision or text tower) skip the rest;
-    ``mx.load`` is lazy, so skipped weights are never read.
-    """
-    config = model.config
-    quantize_from_config(model, config.quantization, weights)
-    if drop_unused:
-        wanted = {k for k, _ in tree_flatten(model.parameters())}
-        missing = sorted(wanted - set(weights))
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise CheckpointError(f"{directory}: weights missing for {type(model).__name__}: {shown}")
-        weights = {k: v for k, v in weights.items() if k in wanted}
-    is_t5 = config.text_config.model_type == "t5"
-    if dtype is None:
-        # Flan-T5 overflows in float16 (known in LAVIS and transformers): bfloat16 is its half precision.
-        dtype = mx.float32 if mx.default_device() == mx.cpu else (mx.bfloat16 if is_t5 else mx.float16)
-    for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating):
-            # In float16, transformers also keeps T5's feed-forward output weights in float32.
-            keep32 = k.startswith(FP32_PREFIXES) or (is_t5 and dtype == mx.float16 and k.endswith(T5_FP32_SUFFIXES))
-            weights[k] = v.astype(mx.float32 if keep32 else dtype)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"{directory}: weights do not match the configuration: {e}") from None
-    mx.eval(model.parameters())
-    model.eval()
-    model.dtype = dtype
-    model.checkpoint_dir = directory
-    return model
-
-
-class Blip2ForConditionalGeneration(Blip2Model):
-    """BLIP-2 for captioning and visual question answering."""
-
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, **kwargs) -> mx.array:
-        """New token ids only, shape (B, T); rows that ended early are padded with the pad id.
-
-        See :func:`mlx_blip2.generate.generate` for the options.
-        """
-        from ..generation.generate import generate
-
-        return generate(self, pixel_values, input_ids, attention_mask, **kwargs)

@@ -24,10 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelOutputWithPoolingAndCrossAttentions, ConfigError, additive_mask, as_array
-from .blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ForConditionalGenerationModelOutput
-from .blip2 import CausalLMOutput, load_weights
+from .blip2 import Blip2Config, Blip2ForConditionalGenerationModelOutput, Blip2Model
+from .blip2 import CausalLMOutput
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import load_safetensors, resolve_checkpoint
+from .loading import load_safetensors, load_weights, resolve_checkpoint
 from .opt import OPTConfig, OPTForCausalLM
 from .qformer import Blip2QFormerConfig, Blip2QFormerEncoder
 from .t5 import T5Config, T5ForConditionalGeneration
@@ -111,8 +111,9 @@ class InstructBlipQFormerModel(nn.Module):
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=x[:, 0])
 
 
-class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration):
-    """InstructBLIP for instructed captioning and VQA, with transformers' argument names and semantics."""
+class InstructBlipModel(Blip2Model):
+    """InstructBLIP's network: BLIP-2's, with the instruction read by the Q-Former too (``generate`` is added by
+    :class:`mlx_blip2.InstructBlipForConditionalGeneration`)."""
 
     # The Q-Former reads the instruction, so an image's features depend on the prompt (the engine encodes each
     # (image, prompt) pair instead of each image).
@@ -181,14 +182,6 @@ class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration):
         return Blip2ForConditionalGenerationModelOutput(logits=logits, vision_outputs=vision_outputs,
                                                         qformer_outputs=qformer_outputs,
                                                         language_model_outputs=CausalLMOutput(logits))
-
-    def generate(self, pixel_values=None, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
-                 attention_mask=None, **kwargs) -> mx.array:
-        """New token ids only, (B * num_return_sequences, T); options as :func:`mlx_blip2.generation.generate`."""
-        from ..generation.generate import generate
-
-        return generate(self, pixel_values, input_ids, attention_mask, qformer_input_ids=qformer_input_ids,
-                        qformer_attention_mask=qformer_attention_mask, **kwargs)
 
     # --- weights -------------------------------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama as mlx_llama
 
-from .base import BaseConfig, ConfigError
-from .opt import causal_padding_mask
+from .base import BaseConfig, ConfigError, causal_padding_mask
 
 
 @dataclass

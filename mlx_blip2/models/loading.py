@@ -1,4 +1,5 @@
-"""Finding a checkpoint (local directory or Hub repo id) and reading its safetensors weights."""
+"""Finding a checkpoint (local directory or Hub repo id), reading its safetensors weights and loading them into a
+model (quantized layers rebuilt, dtypes cast)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .quant import quantize_from_config
+from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.md"]
+# transformers keeps these in float32 whatever the model's dtype (``_keep_in_fp32_modules``).
+FP32_PREFIXES = ("qformer.", "query_tokens")
 
 
 class CheckpointError(ValueError):
@@ -64,3 +72,39 @@ def load_safetensors(directory: Path) -> dict[str, mx.array]:
         except Exception as e:  # mlx reports a bare runtime error; say which file broke.
             raise CheckpointError(f"cannot read weights from {f}: {e}") from e
     return weights
+
+
+def load_weights(model: nn.Module, directory, weights: dict[str, mx.array], dtype: mx.Dtype | None = None,
+                 drop_unused: bool = False) -> nn.Module:
+    """Rebuild quantized layers, cast and load ``weights`` strictly: the loading path of every BLIP-2 class.
+
+    ``drop_unused`` lets a class that needs part of a checkpoint (retrieval's vision or text tower) skip the rest;
+    ``mx.load`` is lazy, so skipped weights are never read.
+    """
+    config = model.config
+    quantize_from_config(model, config.quantization, weights)
+    if drop_unused:
+        wanted = {k for k, _ in tree_flatten(model.parameters())}
+        missing = sorted(wanted - set(weights))
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise CheckpointError(f"{directory}: weights missing for {type(model).__name__}: {shown}")
+        weights = {k: v for k, v in weights.items() if k in wanted}
+    is_t5 = config.text_config.model_type == "t5"
+    if dtype is None:
+        # Flan-T5 overflows in float16 (known in LAVIS and transformers): bfloat16 is its half precision.
+        dtype = mx.float32 if mx.default_device() == mx.cpu else (mx.bfloat16 if is_t5 else mx.float16)
+    for k, v in weights.items():
+        if mx.issubdtype(v.dtype, mx.floating):
+            # In float16, transformers also keeps T5's feed-forward output weights in float32.
+            keep32 = k.startswith(FP32_PREFIXES) or (is_t5 and dtype == mx.float16 and k.endswith(T5_FP32_SUFFIXES))
+            weights[k] = v.astype(mx.float32 if keep32 else dtype)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: weights do not match the configuration: {e}") from None
+    mx.eval(model.parameters())
+    model.eval()
+    model.dtype = dtype
+    model.checkpoint_dir = directory
+    return model

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import ACT, BaseConfig
+from .base import ACT, BaseConfig, causal_padding_mask
 
 
 
@@ -49,15 +49,6 @@ def positions_from_mask(attention_mask: mx.array) -> mx.array:
     """Position ids that skip padding: 0, 1, 2, ... over the kept tokens, -1 on padding (as transformers)."""
     mask = attention_mask.astype(mx.int32)
     return mx.cumsum(mask, axis=1) * mask - 1
-
-
-def causal_padding_mask(attention_mask: mx.array, query_length: int, dtype) -> mx.array:
-    """(B, S) keep-mask -> (B, 1, L, S) additive mask, causal over the last L of the S keys."""
-    S = attention_mask.shape[1]
-    offset = S - query_length
-    causal = mx.arange(S)[None, :] <= (mx.arange(query_length)[:, None] + offset)
-    keep = causal[None, None] & attention_mask[:, None, None, :].astype(mx.bool_)
-    return mx.where(keep, 0.0, mx.finfo(dtype).min).astype(dtype)
 
 
 class OPTAttention(nn.Module):

@@ -19,25 +19,21 @@ processor when images are passed along; the model drops them (as transformers do
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, as_array,
                    check_pixel_values)
-from .blip2 import Blip2Config, load_weights
-from .loading import load_safetensors, resolve_checkpoint
+from .blip2 import Blip2Config
+from .loading import load_safetensors, load_weights, resolve_checkpoint
 from .qformer import Blip2QFormerConfig, Blip2QFormerModel
 from .quant import compute_dtype
 from .vision import Blip2VisionModel
 
 DEFAULT_RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
-RETRIEVAL_ARCHITECTURES = ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
-                           "Blip2VisionModelWithProjection")
 
 
 # --- outputs (transformers' names) -----------------------------------------------------------------------------
@@ -66,15 +62,6 @@ class Blip2VisionModelOutput:
 
 
 # --- configuration and weights ---------------------------------------------------------------------------------
-
-
-def architectures(directory: Path) -> list[str]:
-    """``architectures`` from a checkpoint's config.json; empty when it cannot be read."""
-    try:
-        value = json.loads((Path(directory) / "config.json").read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
 
 
 def with_text_input(config: Blip2QFormerConfig) -> Blip2QFormerConfig:

@@ -52,11 +52,10 @@ def check_retrieval_checkpoint(model: str, command: str = "index") -> Path:
     """The checkpoint directory, after checking (from its config, before any weight is read) that it is a
     retrieval checkpoint; a ValueError naming the kind ``command`` needs otherwise."""
     from ..models.loading import resolve_checkpoint
-    from ..models.retrieval import architectures
-    from ..pipelines import require_kind
+    from ..models.registry import RETRIEVAL, require_kind
 
     directory = resolve_checkpoint(model)
-    require_kind(architectures(directory), "retrieval", command)
+    require_kind(directory, RETRIEVAL, command)
     return directory
 
 
