@@ -33,7 +33,7 @@ def find_browser() -> tuple[str, str] | None:
     return (shutil.which(binary), driver) if binary and driver else None
 
 
-def start_browser(profile: str, size=(1280, 900)):
+def start_browser(profile: str, size=(1280, 900), extra_flags=()):
     """A fresh headless chromium (its own profile folder; nothing from the network) through selenium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -41,14 +41,14 @@ def start_browser(profile: str, size=(1280, 900)):
     binary, driver = find_browser()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}"]:
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", *extra_flags]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser_missing() -> str | None:
+    """Why no browser test can run here (None when they can); a failure where MLX_BLIP2_BROWSER_TESTS=1."""
     missing = []
     try:
         import selenium  # noqa: F401
@@ -56,10 +56,16 @@ def browser(tmp_path_factory):
         missing.append("selenium (pip install selenium)")
     if find_browser() is None:
         missing.append("chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    if missing and REQUIRED:
+        pytest.fail(f"MLX_BLIP2_BROWSER_TESTS=1 but missing: {', '.join(missing)}")
+    return f"no browser: {', '.join(missing)}" if missing else None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = browser_missing()
     if missing:
-        if REQUIRED:
-            pytest.fail(f"MLX_BLIP2_BROWSER_TESTS=1 but missing: {', '.join(missing)}")
-        pytest.skip(f"no browser: {', '.join(missing)}")
+        pytest.skip(missing)
     driver = start_browser(str(tmp_path_factory.mktemp("chromium-profile")))
     driver.set_page_load_timeout(60)
     yield driver

@@ -34,8 +34,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="let requests name http(s) image URLs for the server to fetch (off by default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_door_args(p)
     add_page_args(p)
     return p
+
+
+def add_door_args(p: argparse.ArgumentParser) -> None:
+    """Who may reach the server besides this machine's own pages (mlx_blip2/server/door.py)."""
+    g = p.add_argument_group("who may connect (the server answers only 127.0.0.1, localhost, [::1] and the address "
+                             "a connection arrived on, and refuses other sites' pages)")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to NAME (e.g. the machine's name on the LAN, or a reverse "
+                        "proxy's); repeatable; '*' answers any name (not recommended)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let a web app at ORIGIN (e.g. http://localhost:3000) call the API and load the photos "
+                        "from its pages; repeatable")
 
 
 def add_page_args(p: argparse.ArgumentParser, index_flag: bool = True) -> None:
@@ -52,12 +65,15 @@ def add_page_args(p: argparse.ArgumentParser, index_flag: bool = True) -> None:
 
 def server_settings(args) -> dict:
     """The ``create_app`` settings of the command line (ValueError for limits that are not positive)."""
+    from ..server.door import check_origin_list
+
     if args.max_batch < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1 or args.timeout <= 0:
         raise ValueError("--max-batch, --max-upload-mb, --max-pixels and --timeout must be positive")
     return {"max_batch": args.max_batch, "batch_window": args.batch_window_ms / 1000,
             "api_key": args.api_key or None, "max_upload_bytes": int(args.max_upload_mb * 1024 * 1024),
             "max_pixels": int(args.max_pixels), "timeout": args.timeout, "max_queue": args.max_queue,
-            "max_new_tokens": args.max_new_tokens, "allow_url_fetch": args.allow_url_fetch}
+            "max_new_tokens": args.max_new_tokens, "allow_url_fetch": args.allow_url_fetch,
+            "allowed_hosts": tuple(args.allowed_host), "cors_origins": check_origin_list(args.cors_origin)}
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +92,7 @@ def add_web_args(p: argparse.ArgumentParser) -> None:
                    help="require the key (a browser: open /?key=KEY once, or log in) (default: $MLX_BLIP2_API_KEY)")
     g.add_argument("--captions", action="append", default=[], metavar="FILE",
                    help="a caption run's output (.jsonl or .csv) whose captions the page shows; repeatable")
+    add_door_args(p)
 
 
 def serve_defaults() -> argparse.Namespace:

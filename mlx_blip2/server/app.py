@@ -14,6 +14,7 @@ from starlette.responses import Response
 from .auth import APIKeyMiddleware
 from .config import make_config
 from .context import ServerContext, context
+from .door import Door, DoorMiddleware
 from .errors import APIError, ClientGone
 from .page_auth import PageAuthMiddleware
 from .routes_generation import add_routes as add_generation_routes
@@ -78,11 +79,14 @@ def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
     ``/`` (:mod:`.search_page`), with captions from ``captions`` (caption run outputs, .jsonl/.csv) or sidecars.
 
     ``settings`` are :class:`~mlx_blip2.server.config.ServerConfig` fields (``model_name``, ``max_batch``,
-    ``timeout``, ``max_upload_bytes``, ``max_pixels``, ``allow_url_fetch``, ``api_key``...). The model worker starts
+    ``timeout``, ``max_upload_bytes``, ``max_pixels``, ``allow_url_fetch``, ``api_key``, ``allowed_hosts``,
+    ``cors_origins``...). Every request passes :mod:`.door` first (the Host allow-list, cross-site requests refused). The model worker starts
     with the app's lifespan (uvicorn runs it); ``app.state.ctx`` (and its ``worker`` and ``config``, also on
     ``app.state``) are there for inspection. OpenAPI docs at ``/docs``.
     """
-    ctx = ServerContext(pipeline, make_config(**settings))
+    config = make_config(**settings)
+    door = Door(config.allowed_hosts, config.cors_origins)  # ValueError for a malformed origin, before loading
+    ctx = ServerContext(pipeline, config)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -101,6 +105,7 @@ def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
     add_generation_routes(app, ctx.schemas)
     add_retrieval_routes(app, ctx.schemas)
     app.state.ctx, app.state.config, app.state.worker, app.state.pipeline = ctx, ctx.config, ctx.worker, pipeline
+    app.state.door = door
     if index is not None:
         add_search_page(app, ctx, index, captions)
     if ctx.config.api_key:
@@ -108,4 +113,5 @@ def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
         if index is not None:  # outside the key check: the page's cookie (see page_auth)
             app.add_middleware(PageAuthMiddleware, api_key=ctx.config.api_key,
                                login_page=app.state.search_page.login_page)
+    app.add_middleware(DoorMiddleware, door=door)  # added last: the outermost, before routing and the key
     return app

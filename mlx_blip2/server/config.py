@@ -22,6 +22,8 @@ class ServerConfig:
     max_texts: int = 256  # texts per match/embeddings request, questions per ask request, images per embeddings
     max_text_chars: int = 4000
     decode_threads: int = 0  # concurrent image decodes (0: min(8, CPU count))
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides 127.0.0.1, localhost, [::1] (see door.py)
+    cors_origins: tuple[str, ...] = ()  # web origins let in (with CORS headers) besides the server's own
 
 
 def make_config(**settings) -> ServerConfig:
@@ -29,4 +31,9 @@ def make_config(**settings) -> ServerConfig:
     unknown = set(settings) - {f.name for f in fields(ServerConfig)}
     if unknown:
         raise TypeError(f"unknown server settings: {', '.join(sorted(unknown))}")
+    for name in ("allowed_hosts", "cors_origins"):
+        if isinstance(settings.get(name), str):
+            settings[name] = (settings[name],)
+        elif name in settings:
+            settings[name] = tuple(settings[name])
     return ServerConfig(**settings)
