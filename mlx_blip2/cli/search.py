@@ -30,6 +30,9 @@ def add_parser(sub):
                    "again and runs the full model)")
     p.add_argument("--candidates", type=int, default=None, help="how many ITC results --rerank re-scores "
                    "(default: k)")
+    p.add_argument("--mode", choices=["image", "text", "hybrid"], default=None,
+                   help="rank by the images (ITC), by the captions the index holds (no model loaded), or both fused "
+                        "by reciprocal rank (default: hybrid; image with --rerank)")
     p.add_argument("--json", action="store_true", help="print JSON (JSON Lines, one object per query, for queries "
                    "from stdin) instead of tables")
     add_model_args(p, default_hint="the one the index was built with")
@@ -101,16 +104,17 @@ def run(args) -> int:
     try:
         with PhotoIndex(args.db, create=False) as db:
             pipeline = None
-            if db.count() == 0:
+            searchable = db.count() > 0
+            if not searchable:
                 print(f"'{args.db}' holds no searchable images", file=sys.stderr)
-            else:
+            elif args.mode != "text":
                 pipeline = _pipeline(args, db)
 
             def answer(query: str):
-                if pipeline is None:
+                if not searchable:
                     return []
                 return search(db, query, k=args.k, rerank=args.rerank, candidates=args.candidates,
-                              pipeline=pipeline)
+                              pipeline=pipeline, mode=args.mode)
 
             if args.query is not None:
                 results = answer(args.query)

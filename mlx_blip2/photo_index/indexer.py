@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import display_path, find_images, utf8_text
+from .captions import refresh_from_sidecars
 from .store import Entry, Move, PhotoIndex, PhotoIndexError
 
 
@@ -158,6 +159,7 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
         config = engine.model.config
         db.bind_model(model, config.num_query_tokens, config.image_text_hidden_size)
         _embed_all(db, engine, todo, batch_size, report, progress)
+    refresh_from_sidecars(db, current)  # captions of photo.txt / XMP sidecars that changed, into the caption index
     _record_roots(db, found)
     db.compact()
     return report

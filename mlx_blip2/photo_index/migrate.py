@@ -1,4 +1,4 @@
-"""Rewrites of a photo index: the schema 1 -> 2 migration and the compaction of the matrix file."""
+"""Rewrites of a photo index: the schema migrations (1 -> 3, 2 -> 3) and the compaction of the matrix file."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def migrate_v1(index) -> None:
         index.rollback()
         raise
     db.execute("VACUUM")  # give back the space of the blobs
+
+
+def migrate_v2(index) -> None:
+    """Schema 2 -> 3, in one transaction: the ``taken`` column (filled by the next ``index`` run) and the caption
+    tables (filled from sidecars by the next ``index`` run, from caption runs by ``index --captions``)."""
+    index.begin()
+    try:
+        index.db.execute("ALTER TABLE images ADD COLUMN taken TEXT")
+        create_schema(index.db)
+        index.set_meta("schema_version", str(SCHEMA_VERSION))
+        index.set_meta("migrated_at", str(time.time()))
+        index.commit()
+    except BaseException:
+        index.rollback()
+        raise
 
 
 def compact(index) -> None:

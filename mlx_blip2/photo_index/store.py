@@ -6,7 +6,9 @@ that is not valid UTF-8 round-trips), size, mtime, content hash, the row of the 
 search, so a new process reads no embedding through SQLite.
 
 Schema history: version 1 kept text paths and float16 blobs in SQLite; it is migrated on open (the blobs move to
-the matrix file, in the same order, so rankings and ties are unchanged).
+the matrix file, in the same order, so rankings and ties are unchanged). Version 2 had neither the date taken nor
+captions; it gains both tables' columns on open (:func:`.migrate.migrate_v2`) and the next ``index`` run fills them.
+Captions and their full-text index are kept by :mod:`.captions`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import utf8_text
-from .migrate import compact, migrate_v1
+from .metadata import date_taken
+from .migrate import compact, migrate_v1, migrate_v2
 from .schema import SCHEMA_VERSION, create_schema
 from .vectors import VectorFileError, VectorWriter, open_matrix
 
@@ -47,6 +50,7 @@ class Entry:
     mtime_ns: int
     embedding: np.ndarray
     sha256: bytes | None = None
+    taken: str | None = None  # when the photo was taken (:func:`.metadata.date_taken`; read at write when None)
 
 
 @dataclass
@@ -85,6 +89,8 @@ class PhotoIndex:
             version = self._schema_version()
             if version == 1:
                 migrate_v1(self)
+            elif version == 2:
+                migrate_v2(self)
             elif version not in (None, SCHEMA_VERSION):
                 raise PhotoIndexError(f"'{self.path}' has photo index schema version {version}; this mlx-blip2 "
                                       f"reads version {SCHEMA_VERSION}")
@@ -216,11 +222,12 @@ class PhotoIndex:
         record failures (path, size, mtime_ns, reason), drop removed paths and move entries. Either all of it
         lands or, if the process dies, none (matrix rows written before a failed commit stay unreferenced)."""
         entries = [e if isinstance(e, Entry) else Entry(*e) for e in embedded]
+        taken = [e.taken or date_taken(e.path, e.mtime_ns) for e in entries]  # file reads before the transaction
         now = time.time()
-        upsert = ("INSERT INTO images(path, size, mtime_ns, row, sha256, error, indexed_at) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+        upsert = ("INSERT INTO images(path, size, mtime_ns, row, sha256, error, indexed_at, taken) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
                   "mtime_ns=excluded.mtime_ns, row=excluded.row, sha256=excluded.sha256, error=excluded.error, "
-                  "indexed_at=excluded.indexed_at")
+                  "indexed_at=excluded.indexed_at, taken=excluded.taken")
         self.begin()
         try:
             rows = []
@@ -230,9 +237,9 @@ class PhotoIndex:
                 first = self.vector_rows()
                 VectorWriter(self.vectors_path(), *self.shape, reset=first == 0).append(first, np.stack([e.embedding for e in entries]))
                 self.set_meta("vectors_rows", str(first + len(entries)))
-                rows = [(encode_path(e.path), e.size, e.mtime_ns, first + i, e.sha256, None, now)
-                        for i, e in enumerate(entries)]
-            rows += [(encode_path(p), s, m, None, None, utf8_text(reason), now) for p, s, m, reason in failed]
+                rows = [(encode_path(e.path), e.size, e.mtime_ns, first + i, e.sha256, None, now, t)
+                        for i, (e, t) in enumerate(zip(entries, taken))]
+            rows += [(encode_path(p), s, m, None, None, utf8_text(reason), now, None) for p, s, m, reason in failed]
             # Removals and moves first: a new file may take the path a removed or moved one had.
             self.db.executemany("DELETE FROM images WHERE path = ?", [(encode_path(p),) for p in removed])
             for mv in moved:
@@ -278,6 +285,11 @@ class PhotoIndex:
 
     def paths_of_rows(self, rows: Sequence[int], generation: int) -> dict[int, str] | None:
         """row -> path for matrix rows, or None when the index changed since ``generation`` (search again)."""
+        entries = self.entries_of_rows(rows, generation)
+        return None if entries is None else {r: p for r, (_, p) in entries.items()}
+
+    def entries_of_rows(self, rows: Sequence[int], generation: int) -> dict[int, tuple[int, str]] | None:
+        """row -> (id, path) for matrix rows, or None when the index changed since ``generation``."""
         self.db.execute("BEGIN")
         try:
             if self.generation() != generation:
@@ -285,9 +297,9 @@ class PhotoIndex:
             out = {}
             for lo in range(0, len(rows), 500):  # within SQLite's limit on parameters
                 part = [int(r) for r in rows[lo:lo + 500]]
-                found = self.db.execute(f"SELECT row, path FROM images WHERE row IN ({','.join('?' * len(part))})",
-                                        part)
-                out.update((r, decode_path(p)) for r, p in found)
+                found = self.db.execute(f"SELECT row, id, path FROM images WHERE row IN "
+                                        f"({','.join('?' * len(part))})", part)
+                out.update((r, (i, decode_path(p))) for r, i, p in found)
             return out
         finally:
             self.db.execute("COMMIT")
