@@ -20,6 +20,7 @@ import mlx.nn as nn
 from .base import (BaseConfig, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions,
                    ConfigError, as_array, check_pixel_values)
 from .loading import load_safetensors, load_weights, resolve_checkpoint
+from .loss import causal_lm_loss, seq2seq_loss, shift_tokens_right
 from .opt import OPTConfig, OPTForCausalLM
 from .qformer import Blip2QFormerConfig, Blip2QFormerModel
 from .t5 import T5Config, T5ForConditionalGeneration
@@ -97,6 +98,7 @@ class Blip2ForConditionalGenerationModelOutput:
     vision_outputs: BaseModelOutputWithPooling | None = None
     qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
     language_model_outputs: Any = None
+    loss: mx.array | None = None  # with ``labels``: the language-modelling loss (see models/loss.py)
 
 
 class Blip2Model(nn.Module):
@@ -169,9 +171,13 @@ class Blip2Model(nn.Module):
 
     # --- forward passes ------------------------------------------------------------------------------------------
 
-    def _language_model(self, decoder_input_ids, decoder_attention_mask, **inputs) -> mx.array:
+    def _language_model(self, decoder_input_ids, decoder_attention_mask, labels=None, **inputs) -> mx.array:
         if self.config.use_decoder_only_language_model:
             return self.language_model(**inputs)
+        if decoder_input_ids is None and labels is not None:
+            text = self.config.text_config  # as T5 with labels: the decoder reads them shifted right
+            labels = as_array(labels, "labels", 2, mx.int32)
+            decoder_input_ids = shift_tokens_right(labels, text.decoder_start_token_id, text.pad_token_id)
         return self.language_model(
             **inputs,
             decoder_input_ids=as_array(decoder_input_ids, "decoder_input_ids", 2, mx.int32),
@@ -187,22 +193,32 @@ class Blip2Model(nn.Module):
                                                    attention_mask=mask))
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None, interpolate_pos_encoding: bool = False):
+                 decoder_attention_mask=None, interpolate_pos_encoding: bool = False, labels=None):
         """Logits over the prompt (decoder-only; legacy checkpoints: queries + prompt) or over
-        ``decoder_input_ids`` (T5)."""
+        ``decoder_input_ids`` (T5); with ``labels`` (-100 ignored) also ``.loss``, as transformers computes it."""
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
         image_embeds = vision_outputs.last_hidden_state
         qformer_outputs = self._qformer(image_embeds)
         image_features = self.language_projection(qformer_outputs.last_hidden_state.astype(image_embeds.dtype))
         embeds, mask = self.merge_image_features(image_features, input_ids, attention_mask)
-        logits = self._language_model(decoder_input_ids, decoder_attention_mask, inputs_embeds=embeds,
+        logits = self._language_model(decoder_input_ids, decoder_attention_mask, labels, inputs_embeds=embeds,
                                       attention_mask=mask)
         return Blip2ForConditionalGenerationModelOutput(
             logits=logits,
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
             language_model_outputs=CausalLMOutput(logits),
+            loss=self.language_model_loss(logits, labels),
         )
+
+    def language_model_loss(self, logits: mx.array, labels) -> mx.array | None:
+        """Decoder-only: shifted next-token loss over the labels' (last) positions; T5: the labels in place."""
+        if labels is None:
+            return None
+        labels = as_array(labels, "labels", 2, mx.int32)
+        if self.config.use_decoder_only_language_model:
+            return causal_lm_loss(logits, labels)
+        return seq2seq_loss(logits, labels)
 
     # --- weights -------------------------------------------------------------------------------------------------
 

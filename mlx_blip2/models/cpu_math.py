@@ -9,6 +9,8 @@ the library functions (relative error ~2e-7 for exp, 4.3e-7 absolute for erf).
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -71,10 +73,20 @@ def softmax(scores: mx.array) -> mx.array:
     """Softmax over the last axis, in float32."""
     if mx.default_device() != mx.cpu:
         return mx.softmax(scores, axis=-1, precise=True)
-    scores = scores.astype(mx.float32)
+    return _softmax(scores.astype(mx.float32))
+
+
+# The exponent bits (mx.view) have no derivative in MLX: training goes through these functions' own vjps.
+@mx.custom_function
+def _softmax(scores: mx.array) -> mx.array:
     mantissa, exponent = _exp_parts(scores - scores.max(axis=-1, keepdims=True))
     e = mantissa * mx.view(exponent, mx.float32)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
 
 
 @mx.compile
@@ -84,6 +96,22 @@ def _exp_shifted(scores: mx.array, shift: mx.array, coef: float) -> mx.array:
     n = (t + _ROUND) - _ROUND
     f = t - n
     return _estrin(_EXP2, f, f * f) * mx.view(mx.left_shift((n + 127.0).astype(mx.int32), 23), mx.float32)
+
+
+@functools.cache
+def _exp_shifted_fn(coef: float):
+    """``_exp_shifted`` for one ``coef``, differentiable; the shift gets no gradient (the callers normalise by the
+    sum of the exponentials, which cancels any shift)."""
+
+    @mx.custom_function
+    def exp_shifted(scores, shift):
+        return _exp_shifted(scores, shift, coef)
+
+    @exp_shifted.vjp
+    def exp_shifted_vjp(primals, cotangent, output):
+        return cotangent * output * coef, mx.zeros_like(primals[1])
+
+    return exp_shifted
 
 
 def _key_sum(e_t: mx.array) -> mx.array:
@@ -102,7 +130,7 @@ def _attention_t(scores_t: mx.array, scale: float) -> tuple[mx.array, mx.array]:
     (..., head_dim, queries) numbers instead of (..., keys, queries).
     """
     scores_t = scores_t.astype(mx.float32)
-    e_t = _exp_shifted(scores_t, scores_t.max(axis=-2, keepdims=True), scale)
+    e_t = _exp_shifted_fn(float(scale))(scores_t, scores_t.max(axis=-2, keepdims=True))
     return e_t, _key_sum(e_t)
 
 

@@ -166,9 +166,9 @@ class InstructBlipModel(Blip2Model):
 
     def __call__(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
                  attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 interpolate_pos_encoding: bool = False):
+                 interpolate_pos_encoding: bool = False, labels=None):
         """Logits over the prompt (decoder-only; legacy checkpoints: queries + prompt) or over
-        ``decoder_input_ids`` (T5)."""
+        ``decoder_input_ids`` (T5); with ``labels`` also ``.loss``, as transformers computes it."""
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding)
         image_embeds = vision_outputs.last_hidden_state
         qformer_outputs = self._qformer(image_embeds, qformer_input_ids, qformer_attention_mask)
@@ -178,10 +178,11 @@ class InstructBlipModel(Blip2Model):
         if isinstance(self.language_model, LlamaForCausalLM):
             # transformers' LLaMA forward numbers positions 0..S-1 whatever the padding (generate does not).
             inputs["position_ids"] = mx.broadcast_to(mx.arange(embeds.shape[1])[None], embeds.shape[:2])
-        logits = self._language_model(decoder_input_ids, decoder_attention_mask, **inputs)
+        logits = self._language_model(decoder_input_ids, decoder_attention_mask, labels, **inputs)
         return Blip2ForConditionalGenerationModelOutput(logits=logits, vision_outputs=vision_outputs,
                                                         qformer_outputs=qformer_outputs,
-                                                        language_model_outputs=CausalLMOutput(logits))
+                                                        language_model_outputs=CausalLMOutput(logits),
+                                                        loss=self.language_model_loss(logits, labels))
 
     # --- weights -------------------------------------------------------------------------------------------------
 
