@@ -8,7 +8,7 @@ from reference_cases import make_images
 
 from mlx_blip2 import Blip2ForConditionalGeneration
 from mlx_blip2.cli import main
-from mlx_blip2.generation.engine import stream_generate
+from mlx_blip2.pipelines.engine import stream_generate
 from mlx_blip2.pipelines import load
 
 T5 = FIXTURES / "tiny-blip2-flan-t5"

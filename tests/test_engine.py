@@ -11,7 +11,7 @@ from reference_cases import make_images
 from mlx_blip2.cli import build_parser
 from mlx_blip2.cli.common import CLI_OPTIONS, generation_kwargs
 from mlx_blip2.generation.decoding import GenerationCancelled
-from mlx_blip2.generation.engine import Completion, ContextLengthError, Engine, Row
+from mlx_blip2.pipelines.engine import Completion, ContextLengthError, Engine, Row
 from mlx_blip2.generation.options import (CAPTION_DEFAULTS, OPTION_FIELDS, PUBLIC_OPTIONS, VQA_DEFAULTS,
                                           GenerationOptions, resolve)
 from mlx_blip2.pipelines import load

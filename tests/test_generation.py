@@ -6,7 +6,7 @@ import pytest
 from conftest import FIXTURES, REFERENCE
 from reference_cases import make_images
 
-from mlx_blip2.generation.engine import stream_generate
+from mlx_blip2.pipelines.engine import stream_generate
 from mlx_blip2.pipelines import load
 
 ROWS = 2000

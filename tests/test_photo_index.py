@@ -15,7 +15,7 @@ from PIL import Image
 from reference_cases import make_images
 
 from mlx_blip2.cli import main
-from mlx_blip2.generation.engine import Engine
+from mlx_blip2.pipelines.retrieval import Blip2RetrievalPipeline
 from mlx_blip2.photo_index import (
     SCHEMA_VERSION,
     PhotoIndex,
@@ -356,7 +356,7 @@ def test_a_killed_run_keeps_finished_batches(library, tmp_path):
     """One transaction per batch: a crash in the middle keeps the batches before it, and a rerun finishes."""
     db_path = tmp_path / "library.sqlite"
 
-    class Crashing(Engine):
+    class Crashing(Blip2RetrievalPipeline):
         calls = 0
 
         def embed_images(self, images, preprocessed=False):
@@ -367,7 +367,7 @@ def test_a_killed_run_keeps_finished_batches(library, tmp_path):
 
     def crashing(model):
         engine = load_engine(model)
-        return Crashing(engine.model, engine.processor, eos_token_ids=[])
+        return Crashing(engine.model, engine.processor)
 
     with PhotoIndex(db_path) as db, pytest.raises(KeyboardInterrupt):
         index_paths(db, [library], model=str(TINY), batch_size=1, progress=False, engine_factory=crashing)

@@ -24,7 +24,7 @@ from PIL import Image
 from reference_cases import make_images
 
 from mlx_blip2.generation import generate as G
-from mlx_blip2.generation.engine import Engine, Row
+from mlx_blip2.pipelines.engine import Engine, Row
 from mlx_blip2.generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS, resolve
 from mlx_blip2.pipelines import load
 from mlx_blip2.server import missing_server_packages
@@ -33,7 +33,7 @@ if missing_server_packages():  # the web stack is the `server` extra
     pytest.skip(f"the server extra is not installed ({', '.join(missing_server_packages())})",
                 allow_module_level=True)
 
-from mlx_blip2.generation.engine import Completion, ContextLengthError  # noqa: E402
+from mlx_blip2.pipelines.engine import Completion, ContextLengthError  # noqa: E402
 from mlx_blip2.generation.options import OPTION_FIELDS, PUBLIC_OPTIONS  # noqa: E402
 from mlx_blip2.images import available_formats  # noqa: E402
 from mlx_blip2.server import BackgroundServer, create_app  # noqa: E402

@@ -22,7 +22,7 @@ def run(args) -> int:
     if not args.stream:
         print(pipe.ask(args.image, args.question, **generation_kwargs(args)))
         return 0
-    from ..generation.engine import Row
+    from ..pipelines.engine import Row
     from ..generation.options import resolve
 
     options = resolve(pipe.vqa_defaults, generation_kwargs(args), stream=True)

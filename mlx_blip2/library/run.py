@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..files import ImageFile, display_path, find_images, utf8_text
-from ..generation.engine import Row
+from ..pipelines.engine import Row
 from ..generation.options import CAPTION_DEFAULTS, GenerationOptions, resolve
 from .manifest import read_manifest
 from .parts import merge_leftovers

@@ -9,9 +9,9 @@ optional ITM rerank.
 - :mod:`.store`: the SQLite catalogue (exact paths, size, mtime, content hash, matrix row or error; WAL, one
   transaction per batch) and :mod:`.vectors`, the memory-mapped float16 embedding matrix beside it
   (``library.sqlite.vectors``); :mod:`.migrate`: schema upgrades and compaction of the matrix.
-- :mod:`.indexer`: files (``files.find_images``) -> background decode (``Engine.preprocess``) ->
-  ``Engine.embed_images`` -> store; unchanged files skipped, moved ones followed by content hash, changed ones
-  re-embedded, deleted ones dropped, unreadable ones recorded.
+- :mod:`.indexer`: files (``files.find_images``) -> background decode (``Blip2RetrievalPipeline.preprocess``) ->
+  ``Blip2RetrievalPipeline.embed_images`` -> store; unchanged files skipped, moved ones followed by content hash,
+  changed ones re-embedded, deleted ones dropped, unreadable ones recorded.
 - :mod:`.search`: ITC (max over the query tokens) over the whole matrix in chunks, top k, ITM rerank.
 - :mod:`.duplicates`: groups of near-duplicate images by embedding similarity.
 """

@@ -3,9 +3,10 @@
 ``find_images`` lists the files (the same rules as ``caption``: HEIC/HEIF/AVIF included, hidden and AppleDouble
 files skipped, symlink loops cut, names that are not UTF-8 kept exactly). Unchanged files (same size and mtime) are
 skipped; a new file with the size and content hash of one that disappeared is a move or rename: its entry follows
-it, nothing is re-embedded. Everything else is decoded on background threads (:meth:`Engine.preprocess`) while
-the model embeds the previous batch (:meth:`Engine.embed_images`), and each batch is one transaction. Files that
-cannot be decoded are recorded with the reason (retried once they change), never fatal.
+it, nothing is re-embedded. Everything else is decoded on background threads
+(:meth:`Blip2RetrievalPipeline.preprocess`) while the model embeds the previous batch
+(:meth:`Blip2RetrievalPipeline.embed_images`), and each batch is one transaction. Files that cannot be decoded
+are recorded with the reason (retried once they change), never fatal.
 """
 
 from __future__ import annotations
@@ -61,12 +62,10 @@ def check_retrieval_checkpoint(model: str, command: str = "index") -> Path:
 
 
 def load_engine(model: str, dtype=None):
-    """The engine over the vision half of a retrieval checkpoint (no text weights read)."""
-    from ..generation.engine import Engine
+    """The vision half of a retrieval checkpoint (no text weights read): ``preprocess`` and ``embed_images``."""
     from ..pipelines.retrieval import Blip2RetrievalPipeline
 
-    pipe = Blip2RetrievalPipeline.from_pretrained(check_retrieval_checkpoint(model), dtype=dtype, part="vision")
-    return Engine(pipe.model, pipe.processor, eos_token_ids=[])
+    return Blip2RetrievalPipeline.from_pretrained(check_retrieval_checkpoint(model), dtype=dtype, part="vision")
 
 
 def file_hash(path: str) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..generation.engine import Engine, Row
+from .engine import Engine, Row
 from ..generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_TEMPLATE, resolve
 from ..images import open_image
 

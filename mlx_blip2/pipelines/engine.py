@@ -1,8 +1,9 @@
-"""The batched engine under every entry point: rows of (image, prompt) in, completions out.
+"""The batched engine under every generation entry point: rows of (image, prompt) in, completions out.
 
-The pipeline, library captioning, the server and the photo index call it; nothing else builds processor inputs,
-generates and decodes. It opens each image one way (:func:`mlx_blip2.images.open_image`), encodes each distinct
-image once, checks the context length for every caller, and supports ``should_stop`` and streaming.
+The pipelines, library captioning and the server call it; nothing else builds processor inputs, generates and
+decodes text. It opens each image one way (:func:`mlx_blip2.images.open_image`), tokenizes and detokenizes, encodes
+each distinct image once, checks the context length for every caller, and supports ``should_stop`` and streaming.
+Decoding itself, on tensors, is :mod:`mlx_blip2.generation`'s.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..images import open_image
-from .decoding import CancellableRunner, generate_step
-from .generate import decode, prepare_inputs, start_decoding
-from .options import GenerationOptions
+from ..generation.decoding import CancellableRunner, generate_step
+from ..generation.generate import decode, prepare_inputs, start_decoding
+from ..generation.options import GenerationOptions, eos_id_list
 
 
 class ContextLengthError(ValueError):
@@ -75,8 +76,7 @@ class Engine:
     def __init__(self, model, processor, eos_token_ids: Sequence[int] | None = None):
         self.model, self.processor = model, processor
         if eos_token_ids is None:
-            eos = model.config.text_config.eos_token_id
-            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+            eos_token_ids = eos_id_list(model.config.text_config.eos_token_id)
         self.eos_token_ids = list(eos_token_ids)
         # InstructBLIP's Q-Former reads the instruction, so an image's features depend on the prompt.
         self.features_depend_on_prompt = bool(getattr(model, "features_depend_on_prompt", False))
@@ -168,7 +168,7 @@ class Engine:
                                 image_features=features)
         ids = decode(self.model, inputs, options, should_stop).tolist()
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
-        eos = set(options.eos_token_id if isinstance(options.eos_token_id, (list, tuple)) else [options.eos_token_id])
+        eos = set(eos_id_list(options.eos_token_id))
         n = options.num_return_sequences
         out = []
         for i, (row_ids, row_text) in enumerate(zip(ids, texts)):
@@ -218,19 +218,9 @@ class Engine:
         yield GenerationResponse(detokenizer.last_segment, None, reason, prompt_tokens, prompt_tps, n, n / elapsed,
                                  mx.get_peak_memory() / 1e9)
 
-    # --- retrieval -------------------------------------------------------------------------------------------------
-
-    def embed_images(self, images: Sequence, preprocessed: bool = False) -> np.ndarray:
-        """A retrieval model's normalised ITC query embeddings (N, Q, D) of images (``preprocessed``: of (C, H, W)
-        arrays from :meth:`preprocess`)."""
-        pixels = list(images) if preprocessed else [self.preprocess(im) for im in images]
-        embeds = self.model.get_image_embeds(np.stack(pixels))
-        return np.array(embeds.astype(mx.float32))
-
 
 def stream_generate(model, processor, image, prompt: str | None = None, eos_token_id=None,
                     **options) -> Iterator[GenerationResponse]:
     """Stream one image's generation (see :meth:`Engine.stream`); options as ``generate``."""
-    engine = Engine(model, processor, None if eos_token_id is None else
-                    ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)))
+    engine = Engine(model, processor, None if eos_token_id is None else eos_id_list(eos_token_id))
     yield from engine.stream(Row(image=image, prompt=prompt), GenerationOptions(**options))

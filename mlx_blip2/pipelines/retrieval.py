@@ -88,7 +88,14 @@ class Blip2RetrievalPipeline:
 
     # --- encoders ----------------------------------------------------------------------------------------------
 
-    def _pixel_values(self, images) -> np.ndarray:
+    def preprocess(self, image) -> np.ndarray:
+        """One image (path, bytes, PIL image, array) -> float32 (C, H, W); thread-safe, so callers can decode the
+        next images in threads while the model embeds (see ``embed_images(..., preprocessed=True)``)."""
+        return self.processor.image_processor.preprocess(image)
+
+    def _pixel_values(self, images, preprocessed: bool = False) -> np.ndarray:
+        if preprocessed:
+            return np.stack(list(images))
         return self.processor.image_processor(list(images))["pixel_values"]
 
     def image_features(self, images) -> mx.array:
@@ -98,9 +105,10 @@ class Blip2RetrievalPipeline:
                for i in range(0, len(images), self.batch_size)]
         return mx.concatenate(out) if len(out) > 1 else out[0]
 
-    def embed_images(self, images) -> np.ndarray:
+    def embed_images(self, images, preprocessed: bool = False) -> np.ndarray:
         """Normalised projected query outputs: (num_query_tokens, D) for one image, (N, num_query_tokens, D) for a
-        list. These are what ITC compares (and what the photo index stores)."""
+        list. These are what ITC compares (and what the photo index, the server and Ray store). ``preprocessed``:
+        the images are (C, H, W) arrays from :meth:`preprocess`."""
         self._need("get_image_embeds", "image embeddings")
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
@@ -108,7 +116,8 @@ class Blip2RetrievalPipeline:
             raise ValueError("got an empty list of images")
         chunks = []
         for i in range(0, len(batch), self.batch_size):
-            embeds = self.model.get_image_embeds(self._pixel_values(batch[i:i + self.batch_size]))
+            pixels = self._pixel_values(batch[i:i + self.batch_size], preprocessed)
+            embeds = self.model.get_image_embeds(pixels)
             chunks.append(np.array(embeds.astype(mx.float32)))
         out = np.concatenate(chunks)
         return out[0] if single else out

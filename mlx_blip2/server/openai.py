@@ -113,7 +113,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(ids: ChatIds, completions) -> dict:
-    """A ``chat.completion`` from one row's :class:`~mlx_blip2.generation.engine.Completion` list."""
+    """A ``chat.completion`` from one row's :class:`~mlx_blip2.pipelines.engine.Completion` list."""
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
     return {"id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,

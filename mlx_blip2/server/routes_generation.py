@@ -10,7 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from ..generation.engine import Row
+from ..pipelines.engine import Row
 from ..generation.options import GenerationOptions
 from .context import ServerContext, context, model_route
 from .errors import APIError, from_worker

@@ -1,7 +1,7 @@
 """The model worker: the one thread that runs the model (MLX calls are not thread-safe).
 
 Jobs that arrive within ``batch_window`` of each other, or that queue up while the worker is busy, and that share a
-key (the task and options) run as ONE :meth:`Engine.generate <mlx_blip2.generation.engine.Engine.generate>` call
+key (the task and options) run as ONE :meth:`Engine.generate <mlx_blip2.pipelines.engine.Engine.generate>` call
 (vision encoder and decode), so concurrent clients raise throughput. Streams run one at a time through
 :meth:`Engine.stream`. A job whose client went away or whose time ran out is skipped if it has not started, and a
 running decode stops between steps (``should_stop``) once every request in its batch is cancelled.
@@ -17,7 +17,7 @@ import time
 from collections import deque
 
 from ..generation.decoding import GenerationCancelled
-from ..generation.engine import ContextLengthError
+from ..pipelines.engine import ContextLengthError
 from .errors import APIError
 
 log = logging.getLogger("mlx_blip2.server")
