@@ -9,7 +9,7 @@ Frozen layers may stay quantized: only LoRA's own matrices need float weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -29,7 +29,6 @@ class LoraOptions:
     dropout: float = 0.05
     keys: list[str] | None = None
     num_layers: int | None = None  # the last N blocks of each stack; None: all
-    extra: dict = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
