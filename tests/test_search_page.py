@@ -226,7 +226,7 @@ def test_api_search_and_more_like_this(server, lib):
     assert status == 200 and headers["content-type"] == "application/json"
     assert data["query"] == "a red ball" and len(data["results"]) == 3 and data["total"] == len(lib["ids"])
     first = data["results"][0]
-    assert set(first) == {"id", "score", "name", "path", "caption", "thumb", "image", "like"}
+    assert set(first) == {"id", "score", "name", "path", "caption", "corrected", "thumb", "image", "like"}
     assert first["thumb"] == f"/thumb/{first['id']}" and first["image"] == f"/image/{first['id']}"
     scores = [r["score"] for r in data["results"]]
     assert scores == sorted(scores, reverse=True)

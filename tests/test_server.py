@@ -120,7 +120,7 @@ def chat_payload(image, text=None, **kw):
     content = [{"type": "image_url", "image_url": {"url": data_url(image)}}]
     if text is not None:
         content.insert(0, {"type": "text", "text": text})
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+    return {"messages": [{"role": "user", "content": content}], **kw}
 
 
 def read_sse(server, payload, timeout=60):
@@ -203,7 +203,7 @@ def test_caption_json_and_multipart_match_the_pipeline(server, pipe, images):
     image = images[0]
     b64 = base64.b64encode(png_bytes(image)).decode()
     expected = pipe.caption(image)
-    for payload in ({"image": b64}, {"image": data_url(image)}, {"image": data_url(image), "model": "anything"}):
+    for payload in ({"image": b64}, {"image": data_url(image)}, {"image": data_url(image), "model": "tiny-blip2-opt"}):
         code, _, body = post(server, "/v1/caption", payload)
         assert code == 200 and body["caption"] == expected
     code, _, body = post_form(server, "/v1/caption", files={"image": png_bytes(image)})
@@ -224,6 +224,30 @@ def test_caption_json_and_multipart_match_the_pipeline(server, pipe, images):
     options = resolve(CAPTION_DEFAULTS, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8})
     assert body["captions"] == [c.text for c in pipe.engine.generate([Row(image=image)], options)[0]]
     assert body["caption"] == body["captions"][0]
+
+
+def test_an_unknown_model_is_404_model_not_found(server, retrieval_server, images):
+    image = data_url(images[0])
+    for srv, path, payload in [(server, "/v1/chat/completions", chat_payload(images[0], model="gpt-4o")),
+                               (server, "/v1/caption", {"image": image, "model": "gpt-4o"}),
+                               (server, "/v1/ask", {"image": image, "question": "what?", "model": "tiny"}),
+                               (retrieval_server, "/v1/embeddings", {"input": "a cat", "model": "text-embedding-3"}),
+                               (retrieval_server, "/v1/match", {"image": image, "texts": "a", "model": "x"})]:
+        code, _, body = post(srv, path, payload)
+        assert code == 404, (path, body)
+        error = body["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model"
+        assert error["type"] == "invalid_request_error" and payload["model"] in error["message"]
+    # The name /v1/models lists, or its last path component, is this model.
+    app = create_app(pipe_of(server), model_name=str(TINY))
+    with BackgroundServer(app) as s:
+        assert request(s, "GET", "/v1/models")[2]["data"][0]["id"] == str(TINY)
+        for name in (str(TINY), "tiny-blip2-opt"):
+            assert post(s, "/v1/caption", {"image": image, "model": name, "max_new_tokens": 3})[0] == 200
+
+
+def pipe_of(server):
+    return server.app.state.pipeline
 
 
 def test_ask_matches_the_pipeline(server, pipe, images):
@@ -295,6 +319,9 @@ def test_openai_client(pipe, images):
         assert text.strip() == pipe.ask(images[0], "what is in the picture?", top_k=1, max_new_tokens=5)
         with pytest.raises(openai.BadRequestError, match="top_p"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], top_p=2)
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": content}])
+        assert e.value.code == "model_not_found" and e.value.param == "model"
         bad = openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
@@ -444,13 +471,13 @@ def test_bad_requests_are_4xx(server, images):
     assert_error(post(server, "/v1/chat/completions", chat_payload(images[0], "hi", n=0)), 400, "'n'")
     assert_error(post(server, "/v1/chat/completions", chat_payload(images[0], "hi", max_tokens=-1)), 400,
                  "max_tokens")
-    assert_error(post(server, "/v1/chat/completions", {"model": "x", "messages": [{"role": "user",
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user",
                                                                                  "content": "hi"}]}), 400, "image")
     two = chat_payload(images[0], "hi")
     two["messages"][0]["content"].append(two["messages"][0]["content"][1])
     assert_error(post(server, "/v1/chat/completions", two), 400, "exactly one image")
-    assert_error(post(server, "/v1/chat/completions", {"model": "x", "messages": "hi"}), 400, "messages")
-    assert_error(post(server, "/v1/chat/completions", {"model": "x", "messages": [{"role": "robot"}]}), 400, "role")
+    assert_error(post(server, "/v1/chat/completions", {"messages": "hi"}), 400, "messages")
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "robot"}]}), 400, "role")
     # Unknown endpoints and methods get JSON errors too; the retrieval endpoints need a retrieval model.
     assert_error(request(server, "GET", "/v1/nothing"), 404, "no such endpoint")
     assert_error(request(server, "GET", "/v1/caption"), 405, "GET")
@@ -602,7 +629,7 @@ def test_timeout_cancels_the_request(pipe, images, slow_decoding):
         assert code == 200 and body["caption"] == pipe.caption(images[0], num_beams=1, max_new_tokens=3)
         # A client that sends half its body and stalls gets 504 too.
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n{\"image\": \"")
             reply = http.client.HTTPResponse(sock)
             reply.begin()
@@ -630,7 +657,7 @@ def test_disconnects_free_the_model(server, pipe, images, slow_decoding):
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     body = json.dumps({"image": data_url(images[1]), "num_beams": 1, "max_new_tokens": 100,
                        "min_new_tokens": 100}).encode()
-    sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert wait_until(lambda: worker.busy)
     sock.close()
@@ -677,7 +704,7 @@ def test_match(retrieval_server, retrieval, images):
 
 def test_embeddings(retrieval_server, retrieval, images):
     texts = ["a cat", "two dogs playing in the snow"]
-    code, _, body = post(retrieval_server, "/v1/embeddings", {"model": "tiny", "input": texts})
+    code, _, body = post(retrieval_server, "/v1/embeddings", {"model": "tiny-blip2-itm", "input": texts})
     assert code == 200 and body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
     np.testing.assert_allclose([d["embedding"] for d in body["data"]], retrieval.embed_texts(texts), rtol=1e-5,
                                atol=1e-6)
@@ -698,7 +725,7 @@ def test_embeddings(retrieval_server, retrieval, images):
     assert_error(post(retrieval_server, "/v1/embeddings", {"input": [1, 2]}), 400, "string")
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{retrieval_server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    result = client.embeddings.create(model="tiny", input=texts)  # the client asks for base64
+    result = client.embeddings.create(model="tiny-blip2-itm", input=texts)  # the client asks for base64
     np.testing.assert_allclose([d.embedding for d in result.data], retrieval.embed_texts(texts), rtol=1e-5, atol=1e-6)
 
 

@@ -61,6 +61,17 @@ def add_page_args(p: argparse.ArgumentParser, index_flag: bool = True) -> None:
     g.add_argument("--captions", action="append", default=[], metavar="FILE",
                    help="a caption run's output (.jsonl or .csv) whose captions the page shows; repeatable "
                         "(otherwise photo.txt / XMP sidecars, when present)")
+    add_edit_args(g)
+
+
+def add_edit_args(g) -> None:
+    """Corrections on the search page (off by default: they write into the library)."""
+    g.add_argument("--allow-edits", action="store_true",
+                   help="let the page correct captions: a correction rewrites the photo's sidecars, updates the "
+                        "index and is appended to DB.corrections.jsonl (training data for 'finetune')")
+    g.add_argument("--edit-sidecar", choices=["xmp", "txt"], default="xmp",
+                   help="with --allow-edits, the sidecar made for a photo that has none: photo.jpg.xmp (default) "
+                        "or photo.txt; existing sidecars are always the ones rewritten")
 
 
 def server_settings(args) -> dict:
@@ -92,6 +103,7 @@ def add_web_args(p: argparse.ArgumentParser) -> None:
                    help="require the key (a browser: open /?key=KEY once, or log in) (default: $MLX_BLIP2_API_KEY)")
     g.add_argument("--captions", action="append", default=[], metavar="FILE",
                    help="a caption run's output (.jsonl or .csv) whose captions the page shows; repeatable")
+    add_edit_args(g)
     add_door_args(p)
 
 
@@ -153,7 +165,8 @@ def serve_app(args, pipeline, name: str, index: str | None = None, query: str | 
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the "
               "model" + (" and see the indexed photos" if index else ""), file=sys.stderr)
-    app = create_app(pipeline, index=index, captions=args.captions, model_name=str(name), **settings)
+    app = create_app(pipeline, index=index, captions=args.captions, model_name=str(name),
+                     allow_edits=bool(index) and args.allow_edits, new_sidecar=args.edit_sidecar, **settings)
     if index is not None:
         host = f"[{args.host}]" if ":" in args.host else args.host
         url = f"http://{host}:{args.port}/"

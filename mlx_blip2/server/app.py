@@ -72,17 +72,20 @@ async def server_error(request: Request, exc: Exception):
 ERROR_HANDLERS = {APIError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: server_error}
 
 
-def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
+def create_app(pipeline, index=None, captions=(), allow_edits: bool = False, new_sidecar: str = "xmp",
+               **settings) -> FastAPI:
     """The application serving ``pipeline`` (from :func:`mlx_blip2.pipelines.load`).
 
     With ``index`` (a photo index, ``library.sqlite``; a retrieval pipeline) the photo search page is served at
-    ``/`` (:mod:`.search_page`), with captions from ``captions`` (caption run outputs, .jsonl/.csv) or sidecars.
+    ``/`` (:mod:`.search_page`), with captions from ``captions`` (caption run outputs, .jsonl/.csv) or sidecars;
+    ``allow_edits`` lets the page correct captions (:mod:`.page_edit`; ``new_sidecar``, xmp or txt, is the sidecar
+    made for a photo that has none).
 
     ``settings`` are :class:`~mlx_blip2.server.config.ServerConfig` fields (``model_name``, ``max_batch``,
     ``timeout``, ``max_upload_bytes``, ``max_pixels``, ``allow_url_fetch``, ``api_key``, ``allowed_hosts``,
-    ``cors_origins``...). Every request passes :mod:`.door` first (the Host allow-list, cross-site requests refused). The model worker starts
-    with the app's lifespan (uvicorn runs it); ``app.state.ctx`` (and its ``worker`` and ``config``, also on
-    ``app.state``) are there for inspection. OpenAPI docs at ``/docs``.
+    ``cors_origins``...). Every request passes :mod:`.door` first (the Host allow-list, cross-site requests
+    refused). The model worker starts with the app's lifespan (uvicorn runs it); ``app.state.ctx`` (and its
+    ``worker`` and ``config``, also on ``app.state``) are there for inspection. OpenAPI docs at ``/docs``.
     """
     config = make_config(**settings)
     door = Door(config.allowed_hosts, config.cors_origins)  # ValueError for a malformed origin, before loading
@@ -107,7 +110,7 @@ def create_app(pipeline, index=None, captions=(), **settings) -> FastAPI:
     app.state.ctx, app.state.config, app.state.worker, app.state.pipeline = ctx, ctx.config, ctx.worker, pipeline
     app.state.door = door
     if index is not None:
-        add_search_page(app, ctx, index, captions)
+        add_search_page(app, ctx, index, captions, allow_edits=allow_edits, new_sidecar=new_sidecar)
     if ctx.config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ctx.config.api_key)
         if index is not None:  # outside the key check: the page's cookie (see page_auth)

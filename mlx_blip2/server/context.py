@@ -15,7 +15,7 @@ from starlette.requests import Request
 from .config import ServerConfig
 from .errors import APIError, ClientGone, from_worker
 from .images import image_sources, load_image, resize_spec
-from .schemas import build_schemas
+from .schemas import build_schemas, validate
 from .transport import wait_for
 from .worker import Job, ModelWorker
 
@@ -46,6 +46,21 @@ class ServerContext:
         if kind != self.kind:
             raise APIError(400, f"{endpoint} needs {NEEDS[kind]} checkpoint; this server runs "
                                 f"{self.config.model_name} ({self.task})")
+
+    def served_names(self) -> set[str]:
+        """The ``model`` names a request may give: the one /v1/models lists, and its last path component."""
+        name = self.config.model_name
+        return {name, name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]}
+
+    def validate(self, schema: str, data: dict, from_form: bool = False):
+        """The request validated against ``self.schemas.<schema>``; a ``model`` this server does not run is 404
+        ``model_not_found``, as OpenAI answers (a client must not get another model's answer unknowingly)."""
+        req = validate(getattr(self.schemas, schema), data, from_form)
+        if req.model is not None and req.model not in self.served_names():
+            raise APIError(404, f"the model '{req.model[:200]}' does not exist on this server; it runs "
+                                f"'{self.config.model_name}' (see /v1/models)", "model",
+                           type="invalid_request_error", code="model_not_found")
+        return req
 
     # --- images ---
 

@@ -15,13 +15,15 @@ class APIError(Exception):
     """A request that cannot be served, with its status and the request field at fault (``param``)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
         self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.code = code  # OpenAI's error code where it has one (e.g. "model_not_found"), else the status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code or self.status}}
 
 
 class ClientGone(Exception):

@@ -3,7 +3,8 @@
 ``/login`` (shown in place of the page while the key is missing). ``/logout`` clears it.
 
 The cookie holds an HMAC of the key (never the key itself), is ``HttpOnly`` and ``SameSite=Strict``, and is
-accepted on the page's own GET routes only (``/``, ``/api/search``, ``/thumb/ID``, ``/image/ID``): the model
+accepted on the page's own GET routes only (``/``, ``/api/search``, ``/thumb/ID``, ``/image/ID``), and on its
+caption corrections (``POST /api/caption/ID``, which also need the page's CSRF token): the model
 endpoints (``/v1/...``) still need ``Authorization: Bearer KEY``. This middleware sits outside
 :class:`~mlx_blip2.server.auth.APIKeyMiddleware`: a request with a valid cookie reaches it carrying the key as a
 bearer token; anything else is left for it to judge (a 401).
@@ -25,6 +26,7 @@ MAX_FORM_BYTES = 8192
 PAGE_PATHS = frozenset({"/", "/api/search"})
 PAGE_PREFIXES = ("/thumb/", "/image/")
 OPEN_PREFIXES = ("/static/",)  # the page's CSS and JS: public, so that the login form is styled
+EDIT_PREFIX = "/api/caption/"  # POST: a correction from the page (page_edit)
 
 
 def cookie_token(api_key: str) -> str:
@@ -67,7 +69,8 @@ class PageAuthMiddleware:
         if path == "/logout":
             return await self._redirect(send, "/", clear=True)
         is_page = path in PAGE_PATHS or path.startswith(PAGE_PREFIXES)
-        if not is_page or method not in ("GET", "HEAD"):
+        page_read = is_page and method in ("GET", "HEAD")
+        if not page_read and not (path.startswith(EDIT_PREFIX) and method == "POST"):
             return await self.app(scope, receive, send)
         if hmac.compare_digest(_cookies(scope.get("headers") or []).get(COOKIE, ""), self.token):
             return await self.app(self._as_authorized(scope), receive, send)

@@ -24,11 +24,33 @@ class Hit:
     name: str  # the file name (valid UTF-8)
     path: str  # the full path (valid UTF-8), shown as a tooltip
     caption: str | None
+    corrected: bool = False  # the caption is a person's correction
 
     def to_dict(self) -> dict:
         return {"id": self.id, "score": round(self.score, 4), "name": self.name, "path": self.path,
-                "caption": self.caption, "thumb": f"/thumb/{self.id}", "image": f"/image/{self.id}",
-                "like": "/?" + urlencode({"like": self.id})}
+                "caption": self.caption, "corrected": self.corrected, "thumb": f"/thumb/{self.id}",
+                "image": f"/image/{self.id}", "like": "/?" + urlencode({"like": self.id})}
+
+
+@dataclass(frozen=True)
+class View:
+    """The filters as the address holds them (empty: no filter)."""
+
+    folder: str = ""
+    date_from: str = ""
+    date_to: str = ""
+    corrected: str = ""  # "", "yes", "no"
+
+    def filters(self):
+        from ..photo_index.filters import Filters
+
+        return Filters(self.folder or None, self.date_from or None, self.date_to or None,
+                       {"yes": True, "no": False}.get(self.corrected))
+
+    def params(self) -> dict[str, str]:
+        """The address parameters of the filters that are set."""
+        named = {"folder": self.folder, "from": self.date_from, "to": self.date_to, "corrected": self.corrected}
+        return {k: v for k, v in named.items() if v}
 
 
 @dataclass
@@ -40,6 +62,11 @@ class PageState:
     error: str | None = None
     total: int = 0  # searchable images in the index
     took_ms: float = 0.0
+    mode: str = "hybrid"
+    view: View = View()
+    folders: list[str] | None = None  # the folder filter's choices
+    edits: bool = False  # corrections allowed (the server's --allow-edits)
+    csrf: str | None = None  # the token a correction must carry
 
 
 def status_text(state: PageState) -> str:
@@ -48,25 +75,53 @@ def status_text(state: PageState) -> str:
     if state.hits is None:
         return f"{state.total} photos indexed. Type what you are looking for."
     n = len(state.hits)
+    if state.like is None and not state.query:
+        return f"{n} photo{'s' if n != 1 else ''} (filtered, newest first)"
     what = f"images like {state.like_name}" if state.like is not None else f"\u201c{state.query}\u201d"
     return f"{n} result{'s' if n != 1 else ''} for {what} ({state.took_ms:.0f} ms)"
 
 
-def hit_html(hit: Hit, rank: int) -> str:
+def hit_html(hit: Hit, rank: int, edits: bool = False) -> str:
     caption = hit.caption or hit.name
     alt = hit.caption or hit.name
     like = escape("/?" + urlencode({"like": hit.id}))
-    return (f'<figure class="hit" data-id="{hit.id}">'
+    corrected = ' <span class="corrected" title="corrected by hand">corrected</span>' if hit.corrected else ""
+    edit = (f'<button type="button" class="edit" aria-label="Correct the caption of {escape(hit.name)}">'
+            f'edit</button>') if edits else ""
+    return (f'<figure class="hit{" is-corrected" if hit.corrected else ""}" data-id="{hit.id}">'
             f'<a class="open" href="/image/{hit.id}" title="{escape(hit.path)}">'
             f'<img src="/thumb/{hit.id}" alt="{escape(alt)}" loading="{"eager" if rank < 12 else "lazy"}" '
             f'decoding="async"></a>'
             f'<figcaption><span class="caption">{escape(caption)}</span>'
-            f'<span class="meta"><span class="score" title="similarity">{hit.score:.3f}</span>'
-            f'<a class="like" href="{like}">more like this</a></span></figcaption></figure>')
+            f'<span class="meta"><span class="score" title="similarity">{hit.score:.3f}</span>{corrected}'
+            f'<a class="like" href="{like}">more like this</a>{edit}</span></figcaption></figure>')
 
 
-def grid_html(hits: list[Hit] | None) -> str:
-    return "".join(hit_html(h, i) for i, h in enumerate(hits or []))
+def grid_html(hits: list[Hit] | None, edits: bool = False) -> str:
+    return "".join(hit_html(h, i, edits) for i, h in enumerate(hits or []))
+
+
+def _options(choices, selected: str) -> str:
+    return "".join(f'<option value="{escape(value)}"{" selected" if value == selected else ""}>{escape(label)}'
+                   f'</option>' for value, label in choices)
+
+
+def filters_html(state: PageState) -> str:
+    """The mode and the filters: fields of the search form, so that they go into the address."""
+    v = state.view
+    folders = list(state.folders or [])
+    if v.folder and v.folder not in folders:
+        folders.append(v.folder)
+    modes = [("hybrid", "images + captions"), ("image", "images"), ("text", "captions")]
+    return (f'<fieldset id="filters"><legend class="visually-hidden">Filters</legend>'
+            f'<label>match <select name="mode" id="mode">{_options(modes, state.mode)}</select></label>'
+            f'<label>folder <select name="folder" id="folder">'
+            f'{_options([("", "all folders")] + [(f, f) for f in folders], v.folder)}</select></label>'
+            f'<label>taken from <input type="date" name="from" id="from" value="{escape(v.date_from)}"></label>'
+            f'<label>to <input type="date" name="to" id="to" value="{escape(v.date_to)}"></label>'
+            f'<label>captions <select name="corrected" id="corrected">'
+            f'{_options([("", "all"), ("yes", "corrected"), ("no", "not corrected")], v.corrected)}</select>'
+            f'</label></fieldset>')
 
 
 def page_html(state: PageState, assets: dict[str, str], k: int) -> str:
@@ -81,6 +136,7 @@ def page_html(state: PageState, assets: dict[str, str], k: int) -> str:
 <title>{escape(title)}</title>
 <link rel="stylesheet" href="{escape(assets['search.css'])}">
 <link rel="icon" href="{escape(assets['favicon.svg'])}" type="image/svg+xml">
+{f'<meta name="csrf-token" content="{escape(state.csrf)}">' if state.edits and state.csrf else ""}
 <script src="{escape(assets['search.js'])}" defer></script>
 </head>
 <body>
@@ -91,12 +147,14 @@ def page_html(state: PageState, assets: dict[str, str], k: int) -> str:
  autocomplete="off" autofocus maxlength="500">
 <input type="hidden" name="k" value="{k}">
 <button type="submit">Search</button>
+{filters_html(state)}
 </form>
 <p id="status" role="status" aria-live="polite">{escape(status_text(state))}</p>
 </header>
-<main id="results" class="grid" data-k="{k}">{grid_html(state.hits)}</main>
+<main id="results" class="grid" data-k="{k}" data-edits="{'1' if state.edits else ''}">{grid_html(state.hits, state.edits)}</main>
 <footer><kbd>/</kbd> search &middot; <kbd>&larr;</kbd><kbd>&uarr;</kbd><kbd>&rarr;</kbd><kbd>&darr;</kbd> move
- &middot; <kbd>Enter</kbd> open &middot; <kbd>m</kbd> more like this &middot; <kbd>Esc</kbd> back to the box</footer>
+ &middot; <kbd>Enter</kbd> open &middot; <kbd>m</kbd> more like this{' &middot; <kbd>e</kbd> correct the caption' if state.edits else ''}
+ &middot; <kbd>Esc</kbd> back to the box</footer>
 </body>
 </html>
 """

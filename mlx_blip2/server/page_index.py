@@ -1,8 +1,12 @@
 """The search page's one view of a photo index (:mod:`mlx_blip2.photo_index`), through a narrow interface:
 
 - :meth:`LibraryIndex.search_embedding` (a normalised text embedding -> ``[(entry_id, score)]``, best first),
+- :meth:`LibraryIndex.ranked` (a query in a search mode, image / text / hybrid, with filters),
+- :meth:`LibraryIndex.browse` (the photos that pass the filters, newest first, when there is no query),
 - :meth:`LibraryIndex.similar` ("more like this": an indexed image's stored embedding, mean-pooled, as the query),
-- :meth:`LibraryIndex.entry` (an id -> its exact path, size, mtime), and
+- :meth:`LibraryIndex.entry` (an id -> its exact path, size, mtime),
+- :meth:`LibraryIndex.captions` (ids -> the index's caption and whether a person corrected it),
+- :meth:`LibraryIndex.correct` (save a person's caption: sidecar, index, corrections file), and
 - :meth:`LibraryIndex.servable_path` (an id -> the real path of a file the page may serve, or why not).
 
 Files are addressed only by the index's own ids (``images.id``), never by a path from a request. A file is served
@@ -10,8 +14,9 @@ only when it is still a regular file whose real path (symlinks resolved) lies in
 indexer recorded as its roots (meta ``roots``, a JSON list, when the index has it), else the deepest folder holding
 every indexed file. An indexed file that has since become a symlink pointing elsewhere is refused.
 
-The store is not thread-safe, so searches run on one thread of their own; id lookups use a read-only SQLite
-connection per thread (the index may be updated by ``mlx-blip2 index`` while the page is served).
+The store is not thread-safe, so searches and corrections run on one thread of their own; lookups use a read-only
+SQLite connection per thread (the index may be updated by ``mlx-blip2 index`` while the page is served). The page
+writes to the index only to save a correction, and only when edits are allowed.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def _inside(path: str, root: str) -> bool:
 
 
 class LibraryIndex:
-    """A photo index opened for the search page (read-only: it never writes to the database)."""
+    """A photo index opened for the search page (it writes only corrections)."""
 
     def __init__(self, db_path: str | os.PathLike):
         from ..photo_index import PhotoIndex
@@ -144,20 +149,73 @@ class LibraryIndex:
             raise NotServable(404, f"image {entry_id} is not a regular file")
         return entry, real, st
 
+    def captions(self, ids: list[int]) -> dict[int, tuple[str, bool]]:
+        """id -> (caption, corrected) of the given entries that have a caption in the index."""
+        out = {}
+        for lo in range(0, len(ids), 500):
+            part = [int(i) for i in ids[lo:lo + 500]]
+            out.update((i, (c, bool(x))) for i, c, x in self._db().execute(
+                f"SELECT image_id, caption, corrected FROM captions WHERE image_id IN ({','.join('?' * len(part))})",
+                part))
+        return out
+
+    def folders(self, limit: int = 1000) -> list[str]:
+        """The folders holding indexed photos (and the folders between them and the library's roots), sorted."""
+        found: set[str] = set()
+        roots = self.roots()
+        for (raw,) in self._db().execute("SELECT DISTINCT path FROM images WHERE row IS NOT NULL"):
+            folder = os.path.dirname(os.fsdecode(bytes(raw)) if not isinstance(raw, str) else raw)
+            while folder not in found and len(found) < limit:
+                found.add(folder)
+                if any(folder == r for r in roots) or os.path.dirname(folder) == folder:
+                    break
+                folder = os.path.dirname(folder)
+        return sorted(found)
+
     # --- search (the index thread) ----------------------------------------------------------------------------
 
-    def _ranked(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def _ranked(self, query: np.ndarray, k: int, filters=None) -> list[tuple[int, float]]:
         from ..photo_index import top_k
 
-        results = top_k(self._store, query, k)
-        ids = self.ids_of_paths([r.path for r in results])
-        return [(ids[r.path], float(r.score)) for r in results if r.path in ids]
+        return [(r.id, float(r.score)) for r in top_k(self._store, query, k, filters)]
+
+    def ranked(self, mode: str, text: str, text_embed: np.ndarray | None, k: int,
+               filters=None) -> list[tuple[int, float]]:
+        """The k best entries for a query: ``mode`` image (ITC of ``text_embed``), text (the captions' BM25 for
+        ``text``) or hybrid (both, fused by reciprocal rank: :mod:`mlx_blip2.photo_index.fusion`)."""
+        from ..photo_index.search import hybrid_top_k, text_top_k, top_k
+
+        def run():
+            if mode == "text":
+                results = text_top_k(self._store, text, k, filters)
+            elif mode == "hybrid":
+                results = hybrid_top_k(self._store, text_embed, text, k, filters)
+            else:
+                results = top_k(self._store, text_embed, k, filters)
+            return [(r.id, float(r.score)) for r in results]
+
+        if mode != "text":
+            text_embed = np.asarray(text_embed, np.float32).reshape(-1)
+        return self._on_index_thread(run)
+
+    def browse(self, filters, k: int) -> list[tuple[int, float]]:
+        """The entries that pass ``filters``, newest first (by date taken); score 0."""
+        where, params = filters.sql("i")
+        rows = self._db().execute(f"SELECT i.id FROM images i WHERE i.row IS NOT NULL{where} "
+                                  "ORDER BY i.taken DESC, i.id DESC LIMIT ?", [*params, int(k)])
+        return [(i, 0.0) for (i,) in rows]
+
+    def correct(self, entry_id: int, caption: str, previous: str | None, new_sidecar: str) -> dict:
+        """Save a person's caption (:func:`mlx_blip2.photo_index.corrections.correct_caption`)."""
+        from ..photo_index.corrections import correct_caption
+
+        return self._on_index_thread(correct_caption, self._store, entry_id, caption, previous, new_sidecar)
 
     def search_embedding(self, text_embed: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The k best entries for a normalised (D,) embedding by ITC (max over each image's query tokens)."""
         return self._on_index_thread(self._ranked, np.asarray(text_embed, np.float32).reshape(-1), k)
 
-    def similar(self, entry_id: int, k: int) -> list[tuple[int, float]] | None:
+    def similar(self, entry_id: int, k: int, filters=None) -> list[tuple[int, float]] | None:
         """The k entries most like an indexed image (its stored query embeddings, mean-pooled and normalised, as
         the query: the summary the duplicate finder compares); None when there is no such entry."""
         entry = self.entry(entry_id)
@@ -170,6 +228,6 @@ class LibraryIndex:
                 return None
             query = np.asarray(stored, np.float32).mean(axis=0)
             query /= max(float(np.linalg.norm(query)), 1e-12)
-            return self._ranked(query, k)
+            return self._ranked(query, k, filters)
 
         return self._on_index_thread(run)

@@ -15,7 +15,7 @@ from ..generation.options import GenerationOptions
 from .context import ServerContext, context, model_route
 from .errors import APIError, from_worker
 from .openai import ChatIds, StreamText, chat_prompt, check_unsupported, chunk, completion_body, sse, usage
-from .schemas import Schemas, generation_overrides, openapi_body, request_names, resolve_options, validate
+from .schemas import Schemas, generation_overrides, openapi_body, request_names, resolve_options
 from .transport import check_uploads, json_response, parse_request, wait_for
 from .worker import Job, generation_key
 
@@ -36,7 +36,7 @@ async def _image_request(request: Request, endpoint: str, schema_name: str):
     ctx.require("captioning", endpoint)
     data, uploads, form = await parse_request(request, ctx.config)
     check_uploads(uploads, {"image"})
-    return ctx, deadline, validate(getattr(ctx.schemas, schema_name), data, form), data, uploads
+    return ctx, deadline, ctx.validate(schema_name, data, form), data, uploads
 
 
 @model_route
@@ -81,7 +81,7 @@ async def chat_completions(request: Request):
     data, _, form = await parse_request(request, ctx.config)
     if form:
         raise APIError(400, "send chat completions as JSON, images as image_url data URLs")
-    req = validate(ctx.schemas.chat, data)
+    req = ctx.validate("chat", data)
     (param, source), prompt = chat_prompt(req.messages, ctx.config.max_text_chars)
     include_usage = check_unsupported(req)
     recipe = ctx.pipeline.caption_defaults if prompt is None else ctx.pipeline.vqa_defaults

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from .context import context, model_route
 from .errors import APIError
 from .openai import embeddings_body
-from .schemas import Schemas, openapi_body, validate
+from .schemas import Schemas, openapi_body
 from .transport import check_uploads, json_response, parse_request
 from .worker import Job
 
@@ -23,7 +23,7 @@ async def match(request: Request):
     ctx.require("retrieval", "/v1/match")
     data, uploads, form = await parse_request(request, ctx.config)
     check_uploads(uploads, {"image"})
-    req = validate(ctx.schemas.match, data, form)
+    req = ctx.validate("match", data, form)
     texts = req.texts if isinstance(req.texts, list) else [req.texts]
     (image,) = await ctx.load_images(data, uploads)
     job = Job("match", {"image": image, "texts": texts, "mode": req.mode}, key=("match",), rows=1)
@@ -38,7 +38,7 @@ async def embeddings(request: Request):
     ctx.require("retrieval", "/v1/embeddings")
     data, uploads, form = await parse_request(request, ctx.config)
     check_uploads(uploads, {"image", "images"})
-    req = validate(ctx.schemas.embeddings, data, form)
+    req = ctx.validate("embeddings", data, form)
     if req.dimensions is not None:
         raise APIError(400, "'dimensions' is not supported: the embedding size is fixed by the model", "dimensions")
     has_images = req.image is not None or req.images is not None or bool(uploads)

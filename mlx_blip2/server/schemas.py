@@ -27,7 +27,8 @@ OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_ne
                 "n": "num_return_sequences"}
 IMAGE_HELP = ("the image: base64, a data URL (data:image/png;base64,...) or, on servers started with "
               "--allow-url-fetch, an http(s) URL; in a multipart request, a file upload. Never a path on the server")
-MODEL_HELP = "accepted and ignored: the server runs one model (see /v1/models)"
+MODEL_HELP = ("the model (optional): the server runs one, listed by /v1/models; any other name is 404 "
+              "model_not_found")
 
 
 class _Request(BaseModel):

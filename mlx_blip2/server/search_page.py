@@ -1,8 +1,12 @@
 """The photo search page, served with an index (``mlx-blip2 serve -m RETRIEVAL_CHECKPOINT --index library.sqlite``):
 
 - ``GET /`` the page; ``/?q=TEXT`` renders its results on the server (bookmarkable, works without JavaScript),
-  ``/?like=ID`` the images most like an indexed one; ``k`` results (default 60, at most 200)
+  ``/?like=ID`` the images most like an indexed one; ``k`` results (default 60, at most 200); ``mode`` image, text
+  or hybrid (default; :mod:`mlx_blip2.photo_index.fusion`); filters ``folder`` (an absolute folder),
+  ``from`` / ``to`` (dates taken, YYYY-MM-DD) and ``corrected`` (yes / no), all in the address; filters without a
+  query list the photos that pass, newest first
 - ``GET /api/search?q=TEXT`` (or ``?like=ID``) the same results as JSON, for the page's live search
+- ``POST /api/caption/ID`` a person's correction of a caption (only with ``allow_edits``: :mod:`.page_edit`)
 - ``GET /thumb/ID`` a thumbnail (JPEG, at most 512 px, made once and cached in ``library.sqlite.thumbs/``)
 - ``GET /image/ID`` the full image (as stored when browsers show its format, else converted to JPEG)
 - ``GET /static/search.css``, ``search.js``, ``favicon.svg``: the page's own files (package data)
@@ -17,6 +21,7 @@ import hashlib
 import io
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
 from importlib import resources
@@ -31,7 +36,8 @@ from ..images import ImageLoadError, open_image
 from .captions_lookup import CaptionLookup
 from .context import ServerContext
 from .errors import APIError
-from .page_html import PAGE_HEADERS, Hit, PageState, login_html, page_html, status_text
+from ..photo_index.search import MODES
+from .page_html import PAGE_HEADERS, Hit, PageState, View, login_html, page_html, status_text
 from .page_index import LibraryIndex, NotServable
 from .thumbnails import THUMB_SIZE, ThumbnailCache
 from .transport import json_response
@@ -63,7 +69,7 @@ class SearchPage:
     """What the page's routes share: the index, thumbnails, captions, static files, cached query embeddings."""
 
     def __init__(self, ctx: ServerContext, index: str | os.PathLike, captions=(), sidecars: bool = True,
-                 thumb_size: int = THUMB_SIZE):
+                 thumb_size: int = THUMB_SIZE, allow_edits: bool = False, new_sidecar: str = "xmp"):
         if ctx.kind != "retrieval":
             raise ValueError(f"the search page needs a retrieval checkpoint (e.g. Salesforce/blip2-itm-vit-g); "
                              f"this server runs {ctx.config.model_name}")
@@ -74,6 +80,8 @@ class SearchPage:
         self.captions = CaptionLookup(captions, sidecars, allowed=self.in_library)
         self.assets = load_assets()
         self.asset_urls = {name: f"/static/{name}?v={version}" for name, (_, version) in self.assets.items()}
+        self.allow_edits, self.new_sidecar = allow_edits, new_sidecar
+        self.csrf = secrets.token_urlsafe(32) if allow_edits else None  # in the page; other origins cannot read it
         self._embeds: OrderedDict[str, object] = OrderedDict()
         self._limiter: anyio.CapacityLimiter | None = None
 
@@ -107,28 +115,44 @@ class SearchPage:
             self._embeds.popitem(last=False)
         return vectors[0]
 
+    def caption_of(self, path: str, indexed: tuple[str, bool] | None) -> tuple[str | None, bool]:
+        """(caption, corrected) to show: a person's correction first, then the caption files and sidecars read
+        now (:class:`.captions_lookup.CaptionLookup`), then the index's caption."""
+        if indexed is not None and indexed[1]:
+            return indexed
+        shown = self.captions.caption(path)
+        if shown is not None:
+            return shown, False
+        return (indexed[0], False) if indexed is not None else (None, False)
+
     def hits(self, ranked: list[tuple[int, float]]) -> list[Hit]:
         """The results to show: files deleted since they were indexed, or now outside the library, left out."""
         out = []
+        indexed = self.index.captions([i for i, _ in ranked])
         for entry_id, score in ranked:
             try:
                 entry, _, _ = self.index.servable_path(entry_id)
             except NotServable:
                 continue
             shown = display_path(entry.path)
-            out.append(Hit(entry_id, score, os.path.basename(shown), shown, self.captions.caption(entry.path)))
+            caption, corrected = self.caption_of(entry.path, indexed.get(entry_id))
+            out.append(Hit(entry_id, score, os.path.basename(shown), shown, caption, corrected))
         return out
 
     async def search(self, request: Request) -> PageState:
-        """The page state a request asks for (``q`` or ``like``, ``k``); APIError 400 for bad parameters."""
+        """The page state a request asks for (``q`` or ``like``, ``k``, ``mode``, filters); APIError 400 for bad
+        parameters."""
         params = request.query_params
         query = " ".join(params.get("q", "").split())
         like = parse_id(params.get("like"), "like") if params.get("like") else None
         k = parse_k(params.get("k"))
         if len(query) > self.ctx.config.max_text_chars:
             raise APIError(400, f"the query is longer than {self.ctx.config.max_text_chars} characters", "q")
-        state = PageState(query=query, like=like, total=await anyio.to_thread.run_sync(self.index.count))
-        if not query and like is None:
+        state = PageState(query=query, like=like, total=await anyio.to_thread.run_sync(self.index.count),
+                          mode=parse_mode(params.get("mode")), view=parse_view(params), edits=self.allow_edits,
+                          csrf=self.csrf, folders=await anyio.to_thread.run_sync(self.index.folders))
+        filters = state.view.filters()
+        if not query and like is None and not filters.active():
             return state
         start = time.perf_counter()
         if like is not None:
@@ -136,10 +160,13 @@ class SearchPage:
             if entry is None:
                 raise APIError(404, f"no indexed image has id {like}", "like")
             state.like_name = os.path.basename(display_path(entry.path))
-            ranked = await anyio.to_thread.run_sync(self.index.similar, like, k + SPARE) or []
+            ranked = await anyio.to_thread.run_sync(self.index.similar, like, k + SPARE, filters) or []
+        elif not query:
+            ranked = await anyio.to_thread.run_sync(self.index.browse, filters, k + SPARE)
         else:
-            embedding = await self.text_embedding(request, query)
-            ranked = await anyio.to_thread.run_sync(self.index.search_embedding, embedding, k + SPARE)
+            embedding = None if state.mode == "text" else await self.text_embedding(request, query)
+            ranked = await anyio.to_thread.run_sync(self.index.ranked, state.mode, query, embedding, k + SPARE,
+                                                    filters)
         state.hits = (await anyio.to_thread.run_sync(self.hits, ranked))[:k]
         state.took_ms = (time.perf_counter() - start) * 1000
         return state
@@ -149,6 +176,27 @@ def parse_id(value: str | None, param: str) -> int:
     if value is None or not value.isdigit() or len(value) > 19:
         raise APIError(400, f"'{param}' must be an image id (a positive integer)", param)
     return int(value)
+
+
+def parse_mode(value: str | None) -> str:
+    if value in (None, ""):
+        return "hybrid"
+    if value not in MODES:
+        raise APIError(400, f"'mode' must be one of {', '.join(MODES)}", "mode")
+    return value
+
+
+def parse_view(params) -> View:
+    """The filters of a request (empty values: no filter); APIError 400 naming a bad one."""
+    corrected = params.get("corrected") or ""
+    if corrected not in ("", "yes", "no"):
+        raise APIError(400, "'corrected' must be yes or no", "corrected")
+    view = View(params.get("folder") or "", params.get("from") or "", params.get("to") or "", corrected)
+    try:
+        view.filters()
+    except ValueError as e:
+        raise APIError(400, str(e), str(e).split("'")[1] if "'" in str(e) else None) from None
+    return view
 
 
 def parse_k(value: str | None) -> int:
@@ -179,7 +227,7 @@ async def home(request: Request):
         status = 200
     except APIError as e:
         query = " ".join(request.query_params.get("q", "").split())
-        state, status = PageState(query=query, error=e.message), e.status
+        state, status = PageState(query=query, error=e.message, edits=sp.allow_edits, csrf=sp.csrf), e.status
     except Exception as e:  # noqa: BLE001 - the index failed (e.g. built with another model): say so on the page
         log.error("search failed", exc_info=e)
         state, status = PageState(error=f"the search failed: {e}"), 500
@@ -189,7 +237,8 @@ async def home(request: Request):
 async def api_search(request: Request):
     sp = page(request)
     state = await sp.search(request)
-    return json_response({"query": state.query, "like": state.like, "total": state.total,
+    return json_response({"query": state.query, "like": state.like, "total": state.total, "mode": state.mode,
+                          "filters": state.view.params(), "edits": state.edits,
                           "took_ms": round(state.took_ms, 1), "status": status_text(state),
                           "results": [h.to_dict() for h in state.hits or []]}, headers={"Cache-Control": "no-store"})
 
@@ -253,15 +302,20 @@ def asset_route(name: str):
 
 
 def add_search_page(app, ctx: ServerContext, index: str | os.PathLike, captions=(), sidecars: bool = True,
-                    thumb_size: int = THUMB_SIZE) -> SearchPage:
-    """Mount the search page on ``app`` (``app.state.search_page``; close it when the app stops)."""
-    sp = SearchPage(ctx, index, captions, sidecars, thumb_size)
+                    thumb_size: int = THUMB_SIZE, allow_edits: bool = False, new_sidecar: str = "xmp") -> SearchPage:
+    """Mount the search page on ``app`` (``app.state.search_page``; close it when the app stops). With
+    ``allow_edits`` each result's caption can be corrected on the page (:mod:`.page_edit`); ``new_sidecar`` (xmp or
+    txt) is the sidecar made for a photo that has none."""
+    from .page_edit import edit_caption
+
+    sp = SearchPage(ctx, index, captions, sidecars, thumb_size, allow_edits, new_sidecar)
     app.state.search_page = sp
     get = ["GET", "HEAD"]
     app.add_route("/", home, methods=get, include_in_schema=False)
     app.add_route("/api/search", api_search, methods=get, include_in_schema=False)
     app.add_route("/thumb/{entry_id:int}", thumb, methods=get, include_in_schema=False)
     app.add_route("/image/{entry_id:int}", image, methods=get, include_in_schema=False)
+    app.add_route("/api/caption/{entry_id:int}", edit_caption, methods=["POST"], include_in_schema=False)
     for name in ASSETS:
         app.add_route(f"/static/{name}", asset_route(name), methods=get, include_in_schema=False)
     return sp
