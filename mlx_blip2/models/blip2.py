@@ -128,6 +128,10 @@ class Blip2Model(nn.Module):
     def encode_images(self, pixel_values, interpolate_pos_encoding: bool = False) -> mx.array:
         """Projected query outputs, the language model's view of each image: (B, num_query_tokens, hidden)."""
         image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding).last_hidden_state
+        return self.encode_image_features(image_embeds)
+
+    def encode_image_features(self, image_embeds: mx.array) -> mx.array:
+        """:meth:`encode_images` from the ViT's output (B, P, C): lets another model's Q-Former share one ViT pass."""
         query_output = self._qformer(image_embeds).last_hidden_state.astype(image_embeds.dtype)
         return self.language_projection(query_output)
 
