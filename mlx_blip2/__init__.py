@@ -34,7 +34,7 @@ _EXPORTS = {
     "Blip2ImageProcessor": "processing",
     "Blip2Processor": "processing",
     "load_image": "processing",
-    "InstructBlipProcessor": "processing_instructblip",
+    "InstructBlipProcessor": "processing",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -26,7 +26,7 @@ def load(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: mx.Dtype | N
     ``adapter_path``: a fine-tuned adapter directory (``mlx-blip2 finetune``) applied to the captioning model.
     """
     from ..generation.conditional import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
-    from ..processing import Blip2Processor
+    from ..processing import Blip2Processor, InstructBlipProcessor
 
     directory = resolve_checkpoint(path_or_repo_id)
     spec = checkpoint_spec(directory)
@@ -35,7 +35,6 @@ def load(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: mx.Dtype | N
             raise ValueError(f"{directory} is a retrieval checkpoint; adapters apply to captioning checkpoints")
         return Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype)
     if spec.family == INSTRUCTBLIP:
-        from ..processing_instructblip import InstructBlipProcessor
         from .instructblip import InstructBlipPipeline
 
         processor = InstructBlipProcessor.from_pretrained(directory)  # first: a missing qformer_tokenizer/ fails fast

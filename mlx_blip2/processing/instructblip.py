@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .processing import Blip2Processor, _check_dir
+from .blip2 import Blip2Processor, check_dir
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 # Tokenizer call arguments transformers copies from the language tokenizer's init kwargs onto every text call.
@@ -31,7 +31,7 @@ class InstructBlipProcessor(Blip2Processor):
     @classmethod
     def from_pretrained(cls, directory) -> InstructBlipProcessor:
         directory = Path(directory)
-        _check_dir(directory)
+        check_dir(directory)
         qformer_dir = directory / QFORMER_TOKENIZER_DIR
         if not qformer_dir.is_dir():
             raise FileNotFoundError(

@@ -1,4 +1,4 @@
-"""Turn images and prompts into BLIP-2 model inputs (pixel_values, input_ids, attention_mask).
+"""BLIP-2's processor: images and prompts into model inputs (pixel_values, input_ids, attention_mask).
 
 The outputs match transformers' ``Blip2Processor`` with its PIL image backend (``BlipImageProcessorPil``)
 value for value, so the MLX model sees the same inputs as the reference. Only numpy and Pillow do the
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import HEIF_SUPPORTED, ImageLoadError, open_image  # noqa: F401  (re-exported)
+from ..images import ImageLoadError, open_image  # noqa: F401  (re-exported)
 
 # The one way to open an image, under the name transformers users know.
 load_image = open_image
@@ -34,7 +34,8 @@ def _image_processor_config(directory: Path) -> dict | None:
     return nested if nested is not None else (_read_json(directory / "preprocessor_config.json") or None)
 
 
-def _check_dir(directory: Path) -> None:
+def check_dir(directory: Path) -> None:
+    """FileNotFoundError naming a checkpoint directory that does not exist."""
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: '{directory}'")
 
@@ -73,7 +74,7 @@ class Blip2ImageProcessor:
     @classmethod
     def from_pretrained(cls, directory) -> Blip2ImageProcessor:
         directory = Path(directory)
-        _check_dir(directory)
+        check_dir(directory)
         config = _image_processor_config(directory)
         if config is None:
             raise _missing_error(directory, [_NO_IMAGE_CONFIG])
@@ -125,7 +126,7 @@ class Blip2Processor:
     @classmethod
     def from_pretrained(cls, directory) -> Blip2Processor:
         directory = Path(directory)
-        _check_dir(directory)
+        check_dir(directory)
         image_config = _image_processor_config(directory)
         missing = [] if image_config is not None else [_NO_IMAGE_CONFIG]
         if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
