@@ -15,11 +15,14 @@ A caption that changes for any reason but a correction is no longer marked corre
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping
 
+from ..library.records import parse_json, record_path
 from ..library.sidecars import XMP_NAMES, txt_sidecar, xmp_sidecar
 from ..library.xmp import XmpError, xmp_description
 from .store import PhotoIndex, encode_path
@@ -55,8 +58,10 @@ def sidecar_stamp(path: str) -> str:
     return " ".join(parts)
 
 
-def _read_small(path: str) -> bytes | None:
+def _read_small(path: str, allowed=None) -> bytes | None:
     try:
+        if allowed is not None and not allowed(path):
+            return None
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > MAX_SIDECAR_BYTES:
                 return None
@@ -65,16 +70,17 @@ def _read_small(path: str) -> bytes | None:
         return None
 
 
-def read_sidecar_caption(path: str) -> tuple[str | None, str | None]:
+def read_sidecar_caption(path: str, allowed=None) -> tuple[str | None, str | None]:
     """(caption, 'txt' or 'xmp') from the photo's sidecars: photo.txt, else the XMP x-default description
-    (photo.jpg.xmp, then photo.xmp); (None, None) when none holds one (or one cannot be parsed)."""
-    data = _read_small(txt_sidecar(path))
+    (photo.jpg.xmp, then photo.xmp); (None, None) when none holds one (or one cannot be parsed). ``allowed``: a
+    check each sidecar's path must pass before it is read (the search page's: inside the library)."""
+    data = _read_small(txt_sidecar(path), allowed)
     if data is not None:
         caption = clean_caption(data.decode("utf-8", "replace"))
         if caption:
             return caption, "txt"
     for naming in XMP_NAMES:
-        data = _read_small(xmp_sidecar(path, naming))
+        data = _read_small(xmp_sidecar(path, naming), allowed)
         if data is None:
             continue
         try:
@@ -84,6 +90,28 @@ def read_sidecar_caption(path: str) -> tuple[str | None, str | None]:
         if caption:
             return caption, "xmp"
     return None, None
+
+
+def read_caption_records(path: str) -> dict[str, str]:
+    """exact image path -> caption, from a caption run's jsonl or csv output (the last record of an image wins;
+    relative paths are taken from the file's folder)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    folder = os.path.dirname(os.path.abspath(path))
+    if path.lower().endswith(".csv"):
+        text = data.decode("utf-8", "surrogateescape")
+        records = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r.get("path")]
+        records = [{k: v for k, v in r.items() if v not in (None, "")} for r in records]
+    else:
+        records = [r for line in data.split(b"\n") if line.strip() and (r := parse_json(line)) is not None]
+    out: dict[str, str] = {}
+    for record in records:
+        caption = clean_caption(record.get("caption"))
+        if caption is None:
+            continue
+        image = record_path(record)
+        out[image if os.path.isabs(image) else os.path.normpath(os.path.join(folder, image))] = caption
+    return out
 
 
 # --- the caption table -------------------------------------------------------------------------------------------

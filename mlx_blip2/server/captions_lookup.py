@@ -11,51 +11,17 @@ a file lies in the library) says so.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import threading
 import time
 from typing import Callable, Sequence
 
-from ..library.records import parse_json, record_path
-from ..library.sidecars import XMP_NAMES, txt_sidecar, xmp_sidecar
-from ..library.xmp import XmpError, xmp_description
+from ..photo_index.captions import read_caption_records, read_sidecar_caption
 
 log = logging.getLogger("mlx_blip2.server")
 
 RELOAD_SECONDS = 2.0
-MAX_SIDECAR_BYTES = 1 << 20
-MAX_CAPTION_CHARS = 1000
-
-
-def _clean(text) -> str | None:
-    if not isinstance(text, str):
-        return None
-    text = " ".join(text.split())
-    return text[:MAX_CAPTION_CHARS] or None
-
-
-def read_records(path: str) -> dict[str, str]:
-    """exact image path -> caption, from one jsonl or csv caption output (the last record of an image wins)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    folder = os.path.dirname(os.path.abspath(path))
-    if path.lower().endswith(".csv"):
-        text = data.decode("utf-8", "surrogateescape")
-        records = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r.get("path")]
-        records = [{k: v for k, v in r.items() if v not in (None, "")} for r in records]
-    else:
-        records = [r for line in data.split(b"\n") if line.strip() and (r := parse_json(line)) is not None]
-    out: dict[str, str] = {}
-    for record in records:
-        caption = _clean(record.get("caption"))
-        if caption is None:
-            continue
-        image = record_path(record)
-        out[image if os.path.isabs(image) else os.path.normpath(os.path.join(folder, image))] = caption
-    return out
 
 
 class CaptionLookup:
@@ -89,7 +55,7 @@ class CaptionLookup:
                 if self._stamps.get(f) == stamp:
                     continue
                 try:
-                    self._records[f] = read_records(f)
+                    self._records[f] = read_caption_records(f)
                     self._stamps[f] = stamp
                 except (OSError, ValueError) as e:
                     log.warning("cannot read captions from %s: %s", f, e)
@@ -102,32 +68,6 @@ class CaptionLookup:
                 return found
         return self.sidecar_caption(path) if self.sidecars else None
 
-    def _read_small(self, path: str) -> bytes | None:
-        try:
-            if self.allowed is not None and not self.allowed(path):
-                return None
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size > MAX_SIDECAR_BYTES:
-                    return None
-                return f.read(MAX_SIDECAR_BYTES)
-        except OSError:
-            return None
-
     def sidecar_caption(self, path: str) -> str | None:
-        """photo.txt, else the XMP description (photo.jpg.xmp, then photo.xmp)."""
-        data = self._read_small(txt_sidecar(path))
-        if data is not None:
-            caption = _clean(data.decode("utf-8", "replace"))
-            if caption:
-                return caption
-        for naming in XMP_NAMES:
-            data = self._read_small(xmp_sidecar(path, naming))
-            if data is None:
-                continue
-            try:
-                caption = _clean(xmp_description(data))
-            except (XmpError, ValueError):
-                continue
-            if caption:
-                return caption
-        return None
+        """photo.txt, else the XMP description (photo.jpg.xmp, then photo.xmp); only sidecars in the library."""
+        return read_sidecar_caption(path, self.allowed)[0]
