@@ -7,12 +7,12 @@ written, 2 usage error (bad flags, a missing input, a checkpoint of the wrong ki
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..images import IMAGE_EXTENSIONS
 from ..library import DEFAULT_BATCH_SIZE, XMP_NAMES, parse_shard
-from ..library.job import ALL_FORMATS, caption
+from ..library.job import ALL_FORMATS, CaptionJob, caption
+from ..library.launch import current_group, is_follower
 from ..library.parquet import DEFAULT_SHARD_SIZE
 from .common import (
     add_generation_args,
@@ -99,22 +99,25 @@ def _report(args, summary, notes, err) -> None:
         print(f"failed: ... and {len(summary.failed) - MAX_LISTED} more{more}", file=err)
 
 
-def run(args) -> int:
-    from ..library.distributed import current_group
+def caption_job(args) -> CaptionJob:
+    """The job the command line describes."""
     from ..pipelines import DEFAULT_MODEL
 
+    if not args.images and args.manifest is None:
+        raise ValueError("give image files or folders, or --manifest FILE")
+    return CaptionJob(
+        inputs=args.images, manifest=args.manifest, recursive=args.recursive, output=args.output, format=args.format,
+        xmp_name=args.xmp_name, existing=args.existing, shard=args.shard, shard_size=args.shard_size,
+        model_name=args.model or DEFAULT_MODEL, prompt=args.prompt, batch_size=args.batch_size, workers=args.workers,
+        generate_kwargs=generation_kwargs(args), progress=False if args.quiet else None)
+
+
+def run(args) -> int:
     err = sys.stderr
     try:
-        if not args.images and args.manifest is None:
-            raise ValueError("give image files or folders, or --manifest FILE")
-        group = current_group()  # under mlx.launch: this rank's job; None when alone
-        summary, notes = caption(
-            lambda: load_pipeline(args, "captioning", "caption"),  # loaded only when something needs a caption
-            args.images, output=args.output, format=args.format, recursive=args.recursive, xmp_name=args.xmp_name,
-            existing=args.existing, shard=args.shard, model_name=args.model or DEFAULT_MODEL, prompt=args.prompt,
-            batch_size=args.batch_size, workers=args.workers, generate_kwargs=generation_kwargs(args),
-            progress=False if args.quiet else None, manifest=args.manifest, shard_size=args.shard_size,
-            group=group)
+        job = caption_job(args)
+        # The model is loaded only when something needs a caption; under mlx.launch this is one rank of the job.
+        summary, notes = caption(lambda: load_pipeline(args, "captioning", "caption"), job, group=current_group())
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # usage, options, checkpoint kind
         return _error(e, 2, err)
     except OSError as e:  # the output could not be written (disk full, permissions)
@@ -128,9 +131,7 @@ def run(args) -> int:
 def _error(e: Exception, code: int, err) -> int:
     """Print the error (rank 0 only, under mlx.launch) and return the exit status. The other ranks exit 0: mlx.launch
     stops every rank as soon as one exits non-zero, which would cut rank 0 short."""
-    from ..library.distributed import launched
-
-    if launched() and os.environ.get("MLX_RANK", "0") not in ("", "0"):
+    if is_follower():
         return 0
     print(f"error: {e}", file=err)
     return code

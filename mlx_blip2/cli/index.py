@@ -7,11 +7,11 @@ embeddings).
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import sys
+from pathlib import Path
 
 from ..files import display_path
+from ..library.launch import is_follower
 from .common import add_model_args
 
 
@@ -31,57 +31,34 @@ def add_parser(sub):
     return p
 
 
-def run(args) -> int:
-    from ..photo_index import (
-        PhotoIndex,
-        PhotoIndexError,
-        check_retrieval_checkpoint,
-        index_paths,
-    )
+def index_job(args):
+    """The IndexJob the command line describes."""
+    from ..photo_index.job import IndexJob
 
-    if args.batch_size <= 0:
-        raise ValueError("--batch-size must be positive")
-    for path in args.paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such file or folder: '{display_path(os.fsdecode(path))}'")
-    if args.model is not None:
-        check_retrieval_checkpoint(args.model, "index")  # from config.json, before the database or any weight
     dtype = None
     if args.dtype:
         import mlx.core as mx
 
         dtype = getattr(mx, args.dtype)
-    from ..library.distributed import current_group
+    return IndexJob(paths=args.paths, db=args.db, model=args.model, recursive=args.recursive,
+                    batch_size=args.batch_size, dtype=dtype)
 
-    group = current_group()  # under mlx.launch (issue #14): the ranks share the embedding, rank 0 writes the index
-    if group is not None:
-        return _run_launched(args, group, dtype)
+
+def run(args) -> int:
+    from ..photo_index import check_retrieval_checkpoint
+    from ..photo_index.job import index
+
+    job = index_job(args)
+    job.check()
+    if job.model is not None:
+        check_retrieval_checkpoint(job.model, "index")  # from config.json, before the database or any weight
     try:
-        with PhotoIndex(args.db) as db:
-            report = index_paths(db, args.paths, model=args.model, recursive=args.recursive,
-                                 batch_size=args.batch_size, dtype=dtype)
-            for path, reason in report.failed:
-                print(f"unreadable: {display_path(path)}: {reason}", file=sys.stderr)
-            for path, reason in report.still_failed:
-                print(f"still unreadable (unchanged since it failed): {display_path(path)}: {reason}",
-                      file=sys.stderr)
-            print(f"{display_path(str(db.path))}: {report.summary()}; {db.count()} images searchable")
-    except sqlite3.Error as e:
-        raise PhotoIndexError(f"'{args.db}': {e}") from None
-    return 1 if report.failed or report.still_failed else 0
-
-
-def _run_launched(args, group, dtype) -> int:
-    from ..photo_index import PhotoIndex
-    from ..photo_index.distributed import run_launched
-
-    try:
-        report, db_path = run_launched(args, group, dtype)
+        report = index(job)
     except Exception:
-        if group.rank:  # rank 0 reports; mlx.launch would stop rank 0 if another rank exited non-zero
+        if is_follower():  # rank 0 reports; mlx.launch would stop rank 0 if another rank exited non-zero
             return 0
         raise
-    if report is None:
+    if report is None:  # another rank of a launched job
         return 0
     for path, reason in report.failed:
         print(f"unreadable: {display_path(path)}: {reason}", file=sys.stderr)
@@ -89,6 +66,5 @@ def _run_launched(args, group, dtype) -> int:
         print(f"still unreadable (unchanged since it failed): {display_path(path)}: {reason}", file=sys.stderr)
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
-    with PhotoIndex(db_path, create=False) as db:
-        print(f"{display_path(str(db.path))}: {report.summary()}; {db.count()} images searchable")
+    print(f"{display_path(str(Path(job.db)))}: {report.summary()}; {report.searchable} images searchable")
     return 1 if report.failed or report.still_failed or report.errors else 0

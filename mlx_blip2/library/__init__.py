@@ -12,12 +12,15 @@ The data flow, one module per step:
   (x-default) in place and :mod:`.atomic` replacing files crash-safely.
 - :mod:`.progress` — the progress bar (tqdm) and the summary line.
 - :mod:`.manifest` — ``--manifest FILE``: the images listed in a text, CSV or Parquet file, instead of a walk.
-- :mod:`.job` — the whole command: one process (:mod:`.run`), a job under ``mlx.launch`` (:mod:`.distributed`, with
-  each rank's records in a part file, :mod:`.parts`, merged into the output), or Parquet shards (:mod:`.parquet`).
+- :mod:`.job` — the whole command: a :class:`CaptionJob` run in one process (:mod:`.run`), as a job under
+  ``mlx.launch`` (:mod:`.distributed`, with each rank's records in a part file, :mod:`.parts`, merged into the
+  output), or into Parquet shards (:mod:`.parquet`).
+- :mod:`.launch` — what captioning and indexing share under ``mlx.launch``: the group of ranks, the output's lock
+  and the part files' names.
 """
 
 from .atomic import atomic_write
-from .job import ALL_FORMATS, caption
+from .job import ALL_FORMATS, CaptionJob, caption, caption_paths
 from .manifest import read_manifest
 from .parts import leftover_parts, merge_parts, part_path
 from .progress import Progress, Summary, format_duration
@@ -28,7 +31,6 @@ from .run import (
     BatchCaptioner,
     caption_files,
     caption_options,
-    caption_paths,
 )
 from .shards import parse_shard, select_shard, shard_index
 from .sidecars import (
@@ -51,6 +53,7 @@ __all__ = [
     "TODO",
     "XMP_NAMES",
     "BatchCaptioner",
+    "CaptionJob",
     "PlainWriter",
     "Progress",
     "RecordWriter",

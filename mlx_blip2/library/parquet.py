@@ -100,10 +100,12 @@ class _Once:
         return self.pipe
 
 
-def caption_parquet(pipe, files: list[ImageFile], directory, *, model_name=None, prompt=None,
-                    shard_size: int = DEFAULT_SHARD_SIZE, existing: str = "skip", rank: int = 0, size: int = 1,
-                    progress: bool | None = None, **kwargs) -> tuple[Summary, list[str]]:
-    """Caption ``files`` into Parquet shards in ``directory``: this rank's share of the unfinished shards."""
+def caption_parquet(pipe, files: list[ImageFile], job, *, rank: int = 0, size: int = 1) -> tuple[Summary, list[str]]:
+    """Caption ``files`` into Parquet shards in the folder ``job.output`` (a CaptionJob): this rank's share of the
+    unfinished shards."""
+    directory, model_name, prompt, shard_size, existing = (job.output, job.model_name, job.prompt, job.shard_size,
+                                                            job.existing)
+    kwargs = {"batch_size": job.batch_size, "workers": job.workers, "generate_kwargs": job.generate_kwargs}
     _pyarrow()
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
@@ -127,7 +129,7 @@ def caption_parquet(pipe, files: list[ImageFile], directory, *, model_name=None,
         if part.interrupted:
             summary.interrupted = True
             break
-        if rank == 0 and progress is not False:
+        if rank == 0 and job.progress is not False:
             done = sum(1 for j, shard in enumerate(shards) if is_done(directory, j, shard))
             print(f"progress: shard {k:05d} written; {done}/{len(shards)} shards done", file=sys.stderr, flush=True)
     summary.seconds = time.monotonic() - start

@@ -1,7 +1,7 @@
 """Part files: the records of one rank of a distributed run, kept beside the output until merged into it.
 
-Rank ``r`` of a run writing ``captions.jsonl`` appends to ``.captions.jsonl.part-r.jsonl`` (a RecordWriter: fsynced
-per batch, locked). Whoever holds the output's lock merges every part into the output (appended, fsynced) and only
+Rank ``r`` of a run writing ``captions.jsonl`` appends to ``.captions.jsonl.part-r.jsonl`` (named by :mod:`.launch`;
+a RecordWriter: fsynced per batch, locked). Whoever holds the output's lock merges every part into the output (appended, fsynced) and only
 then deletes it, so a kill at any point loses nothing: a part merged twice is deduplicated (one record per image, the
 newest), and a half-written last line is dropped as the RecordWriter drops it. Any run on the output merges the parts
 it finds first, with or without ``mlx.launch`` and whatever its number of ranks.
@@ -10,9 +10,10 @@ it finds first, with or without ``mlx.launch`` and whatever its number of ranks.
 from __future__ import annotations
 
 import os
-import re
 
 from ..files import display_path
+from .launch import leftover_parts as _leftover_parts
+from .launch import part_path as _part_path
 from .atomic import fsync_dir
 from .records import RecordWriter, parse_json
 
@@ -20,20 +21,12 @@ PART_SUFFIX = ".jsonl"
 
 
 def part_path(output: str | os.PathLike, rank: int) -> str:
-    directory, name = os.path.split(os.path.abspath(os.fspath(output)))
-    return os.path.join(directory, f".{name}.part-{rank}{PART_SUFFIX}")
+    return _part_path(output, rank, PART_SUFFIX)
 
 
 def leftover_parts(output: str | os.PathLike) -> list[str]:
-    """The part files beside ``output``, whatever run (and number of ranks) left them, by rank."""
-    directory, name = os.path.split(os.path.abspath(os.fspath(output)))
-    pattern = re.compile(re.escape(f".{name}.part-") + r"(\d+)" + re.escape(PART_SUFFIX))
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    found = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
-    return [os.path.join(directory, n) for _, n in sorted(found)]
+    """The record part files beside ``output``, whatever run (and number of ranks) left them, by rank."""
+    return _leftover_parts(output, PART_SUFFIX)
 
 
 def read_part(path: str) -> tuple[list[dict], int]:

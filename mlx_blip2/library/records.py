@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from ..files import ImageFile, display_path, path_fields, utf8_text
 from .atomic import atomic_write
+from .launch import lock_open_file
 from .writer import SKIP, TODO, UsageError, Writer
 
 CSV_COLUMNS = ("path", "caption", "error", "model", "prompt", "size", "mtime", "path_b64")
@@ -103,17 +104,6 @@ def parse_json(line: bytes) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
 
 
-def _lock(f, path: str) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UsageError(f"another run is writing '{display_path(path)}'") from None
-
-
 class RecordWriter(Writer):
     """jsonl or csv records, to a file (crash-safe, resumable, compacted to one record per image at the end) or to a
     stream such as stdout."""
@@ -141,7 +131,7 @@ class RecordWriter(Writer):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         f = open(self.path, "a+b")  # noqa: SIM115 - held (and locked) until close()
         try:
-            _lock(f, self.path)
+            lock_open_file(f, UsageError(f"another run is writing '{display_path(self.path)}'"))
             f.seek(0)
             data = self._repair(f, f.read())
             self._load(data)

@@ -1,10 +1,11 @@
 """A captioning run: find the images, decide what is left to do, decode ahead in threads, caption in batches.
 
-Data flow: :func:`caption_paths` finds the files (:func:`mlx_blip2.files.find_images`), keeps this machine's shard
-and picks the output (a :class:`~.writer.Writer`); :func:`caption_files` asks the output what still needs a caption,
-decodes the next images in a thread pool (``Engine.preprocess``: the one image opener, exact pixels) while the model
-captions the current batch (``Engine.generate`` on rows of preprocessed pixels, the vision encoder batched), and hands
-the output each batch. One bad file never stops a run: it is recorded as a failure and tried again next time.
+Data flow: :func:`plan` finds the files (:func:`mlx_blip2.files.find_images`) and keeps this machine's shard;
+:func:`caption_found` picks the output (a :class:`~.writer.Writer`); :func:`caption_files` asks the output what still
+needs a caption, decodes the next images in a thread pool (``Engine.preprocess``: the one image opener, exact pixels)
+while the model captions the current batch (``Engine.generate`` on rows of preprocessed pixels, the vision encoder
+batched), and hands the output each batch. One bad file never stops a run: it is recorded as a failure and tried
+again next time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .parts import merge_leftovers
 from .progress import Progress, Summary
 from .records import RecordWriter
 from .shards import select_shard
-from .sidecars import XMP_NAMES, SidecarWriter, sidecar_conflicts
+from .sidecars import sidecar_writer
 from .writer import FAIL, SKIP, PlainWriter, UsageError, Writer, file_stat
 
 FORMATS = ("jsonl", "csv", "txt", "xmp")
@@ -196,28 +197,15 @@ def caption_files(pipe, files: Sequence[ImageFile], writer: Writer, *, existing:
         writer.close()
 
 
-def _output_format(output, format: str | None, xmp_name: str, batch_size: int) -> str | None:
-    """The output format (None: print captions); UsageError for a combination that makes no sense."""
-    if format is None and output is not None:
-        format = "csv" if os.fspath(output).lower().endswith(".csv") else "jsonl"
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
-    if format in ("txt", "xmp") and output is not None:
-        raise UsageError(f"--format {format} writes sidecars next to the images; --output is for jsonl and csv")
-    if xmp_name not in XMP_NAMES:
-        raise UsageError(f"--xmp-name must be one of {', '.join(XMP_NAMES)}, got '{xmp_name}'")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    return format
-
-
-def plan(pipe, inputs, recursive: bool, manifest, shard, model_name: str | None, generate_kwargs: dict | None):
-    """Check the options and find the files, before any model is loaded: (all files, this shard's, model name)."""
-    caption_options(generate_kwargs, getattr(pipe, "caption_defaults", None))
-    files = find_files(inputs, recursive, manifest)
+def plan(pipe, job) -> tuple[list[ImageFile], list[ImageFile], str | None]:
+    """Check a CaptionJob's generation options and find its files, before any model is loaded: (all files, this
+    shard's, the model's name for the records)."""
+    caption_options(job.generate_kwargs, getattr(pipe, "caption_defaults", None))
+    files = find_files(job.inputs, job.recursive, job.manifest)
+    model_name = job.model_name
     if model_name is None and hasattr(pipe, "model"):
         model_name = str(getattr(pipe.model, "checkpoint_dir", "") or "") or None
-    return files, select_shard(files, shard), model_name
+    return files, select_shard(files, job.shard), model_name
 
 
 def find_files(inputs: Sequence[str | os.PathLike], recursive: bool = False, manifest=None) -> list[ImageFile]:
@@ -229,28 +217,17 @@ def find_files(inputs: Sequence[str | os.PathLike], recursive: bool = False, man
     return find_images(inputs, recursive).files
 
 
-def caption_paths(pipe, inputs: Sequence[str | os.PathLike], *, output: str | os.PathLike | None = None,
-                  format: str | None = None, recursive: bool = False, xmp_name: str = XMP_NAMES[0],
-                  existing: str = "skip", shard: tuple[int, int] | None = None, model_name: str | None = None,
-                  prompt: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                  generate_kwargs: dict | None = None, progress: Progress | bool | None = False,
-                  stdout=None, manifest: str | os.PathLike | None = None) -> tuple[Summary, list[str]]:
-    """Find the images in ``inputs`` (or the ``manifest``) and caption them: the whole of ``mlx-blip2 caption``.
-
-    Without ``output`` and ``format`` captions are printed (``path: caption``); jsonl/csv go to ``output`` (or
-    stdout); txt/xmp write sidecars. Returns the summary and notes (repairs made to the output file).
-    Raises UsageError (or FileNotFoundError for a missing input) before loading anything.
-    """
-    format = _output_format(output, format, xmp_name, batch_size)
-    files, mine, model_name = plan(pipe, inputs, recursive, manifest, shard, model_name, generate_kwargs)
-    if format in ("txt", "xmp"):
-        writer = SidecarWriter(format, xmp_name)
-        writer.conflicts = sidecar_conflicts(files, writer.sidecar)  # on every file, so that all shards agree
-    elif format is None:
+def caption_found(pipe, job, files: list[ImageFile], mine: list[ImageFile], stdout=None) -> tuple[Summary, list[str]]:
+    """Caption ``mine`` (this shard of ``files``) in this process, as a checked CaptionJob says (``job.format`` is
+    the output format, None to print ``path: caption``). Returns the summary and the output's notes."""
+    if job.format in ("txt", "xmp"):
+        writer = sidecar_writer(job.format, job.xmp_name, files)  # on every file, so that all shards agree
+    elif job.format is None:
         writer = PlainWriter(stdout, bare=len(mine) == 1)
     else:
-        writer = RecordWriter(format, model_name, prompt, path=output, stream=stdout)
+        writer = RecordWriter(job.format, job.model_name, job.prompt, path=job.output, stream=stdout)
         merge_leftovers(writer)  # what a killed distributed run left beside the output
-    summary = caption_files(pipe, mine, writer, existing=existing, batch_size=batch_size, workers=workers,
-                            prompt=prompt, generate_kwargs=generate_kwargs, progress=progress)
+    summary = caption_files(pipe, mine, writer, existing=job.existing, batch_size=job.batch_size,
+                            workers=job.workers, prompt=job.prompt, generate_kwargs=job.generate_kwargs,
+                            progress=job.progress)
     return summary, writer.notes

@@ -95,3 +95,10 @@ def sidecar_conflicts(files: Sequence[ImageFile], sidecar: Callable[[str], str])
         else:
             owner[s] = f
     return conflicts
+
+
+def sidecar_writer(fmt: str, xmp_name: str, files: Sequence[ImageFile]) -> SidecarWriter:
+    """The sidecar output of a run over ``files``, knowing which of them claim another's sidecar."""
+    writer = SidecarWriter(fmt, xmp_name)
+    writer.conflicts = sidecar_conflicts(files, writer.sidecar)
+    return writer

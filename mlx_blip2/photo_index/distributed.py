@@ -13,27 +13,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 
 from ..files import find_images
-from ..library.distributed import Group
+from ..library.launch import Group, leftover_parts, open_lock_file, part_path
 from .indexer import IndexReport, index_paths, model_id
 from .store import Entry, PhotoIndex, PhotoIndexError
 
 MERGE_CHUNK = 512
+PART_SUFFIX = ".sqlite"
 
 
 def part_index(db: str, rank: int) -> str:
-    directory, name = os.path.split(os.path.abspath(db))
-    return os.path.join(directory, f".{name}.part-{rank}.sqlite")
+    return part_path(db, rank, PART_SUFFIX)
 
 
 def leftover_indexes(db: str) -> list[str]:
-    directory, name = os.path.split(os.path.abspath(db))
-    pattern = re.compile(re.escape(f".{name}.part-") + r"\d+\.sqlite")
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if pattern.fullmatch(n))
+    return leftover_parts(db, PART_SUFFIX)
 
 
 def _remove_index(path: str) -> None:
@@ -65,19 +62,6 @@ def merge_indexes(main: PhotoIndex, parts: list[str]) -> int:
     return merged
 
 
-def _lock(db: str):
-    import fcntl
-
-    directory, name = os.path.split(os.path.abspath(db))
-    f = open(os.path.join(directory, f".{name}.launch.lock"), "a+b")  # noqa: SIM115 - held until the job ends
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise PhotoIndexError(f"another launched run is indexing into '{db}'") from None
-    return f
-
-
 def _plan(db_path: str, files: list, model: str | None) -> tuple[dict, np.ndarray]:
     """Rank 0: merge leftovers, then which files need embedding, and the model to embed with."""
     from ..models.retrieval import DEFAULT_RETRIEVAL_MODEL
@@ -100,50 +84,59 @@ def _plan(db_path: str, files: list, model: str | None) -> tuple[dict, np.ndarra
     return {"model": model}, mask
 
 
-def _share(args, group: Group, files: list) -> tuple[dict, list]:
+def _share(job, group: Group, files: list) -> tuple[str, object, list]:
+    """Every rank: rank 0's plan, or its error, sent to all. Returns (the model to embed with, rank 0's lock on the
+    index, this rank's share of the files to embed)."""
     header, mask, lock = {"model": None}, np.zeros(len(files), np.uint8), None
     if group.rank == 0:
         try:
-            lock = _lock(args.db)
-            header, mask = _plan(args.db, files, args.model)
+            lock = open_lock_file(job.db, PhotoIndexError(f"another launched run is indexing into '{job.db}'"))
+            header, mask = _plan(job.db, files, job.model)
         except (PhotoIndexError, OSError) as e:
             header = {"error": str(e)}
-    header = json.loads(group.broadcast(json.dumps(header).encode("utf-8")))
+            if lock is not None:
+                lock.close()
+                lock = None
+    header = group.broadcast_json(header)
     if "error" in header:
         raise PhotoIndexError(header["error"])
-    mask = np.unpackbits(np.frombuffer(group.broadcast(np.packbits(mask).tobytes()), np.uint8))[:len(files)]
-    todo = [f.path for f, m in zip(files, mask) if m]
-    return {"model": header["model"], "lock": lock}, todo[group.rank::group.size]
+    todo = [f.path for f, m in zip(files, group.broadcast_mask(mask)) if m]
+    return header["model"], lock, todo[group.rank::group.size]
 
 
-def run_launched(args, group: Group, dtype=None) -> tuple[IndexReport | None, str | None]:
-    """One rank's part of a launched ``index``. Rank 0 returns the job's report and the index's path."""
-    files = find_images(args.paths, args.recursive).files
-    job, share = _share(args, group, files)
+def _embed_share(job, group: Group, model: str, share: list) -> dict:
+    """Embed this rank's share into its part index; whatever goes wrong is reported (to rank 0), never raised."""
     report, fatal = IndexReport(), None
     if share:
         try:
-            with PhotoIndex(part_index(args.db, group.rank)) as part:
-                report = index_paths(part, share, model=job["model"], batch_size=args.batch_size, dtype=dtype,
+            with PhotoIndex(part_index(job.db, group.rank)) as part:
+                report = index_paths(part, share, model=model, batch_size=job.batch_size, dtype=job.dtype,
                                      progress=False)
         except Exception as e:  # noqa: BLE001 - reported by rank 0; its images are embedded by rank 0's last pass
             fatal = f"{type(e).__name__}: {e}"
-    mine = {"added": report.added, "failed": report.failed, "fatal": fatal}
+    return {"added": report.added, "failed": report.failed, "fatal": fatal}
+
+
+def run_launched(job, group: Group) -> IndexReport | None:
+    """One rank's part of a launched IndexJob. Rank 0 returns the job's report, the other ranks None."""
+    files = find_images(job.paths, job.recursive).files
+    model, lock, share = _share(job, group, files)
+    mine = _embed_share(job, group, model, share)
     reports = [json.loads(b) for b in group.gather(json.dumps(mine).encode("utf-8"))]
     try:
         if group.rank != 0:
-            return None, None
-        with PhotoIndex(args.db) as db:
-            merge_indexes(db, leftover_indexes(args.db))
-            final = index_paths(db, args.paths, model=job["model"], recursive=args.recursive,
-                                batch_size=args.batch_size, dtype=dtype)
+            return None
+        with PhotoIndex(job.db) as db:
+            merge_indexes(db, leftover_indexes(job.db))
+            final = index_paths(db, job.paths, model=model, recursive=job.recursive, batch_size=job.batch_size,
+                                dtype=job.dtype, progress=job.progress)
         final.added += sum(r["added"] for r in reports)
         final.unchanged -= sum(r["added"] + len(r["failed"]) for r in reports)
         final.failed = [tuple(f) for r in reports for f in r["failed"]] + final.failed
         final.still_failed = [f for f in final.still_failed if f[0] not in {p for p, _ in final.failed}]
         final.errors = [f"rank {i}: {r['fatal']}" for i, r in enumerate(reports) if r["fatal"]]
-        return final, args.db
+        return final
     finally:
         group.barrier()  # the merge is done: only now may rank 0 exit non-zero
-        if job["lock"] is not None:
-            job["lock"].close()
+        if lock is not None:
+            lock.close()

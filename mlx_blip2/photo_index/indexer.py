@@ -36,6 +36,8 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run's new failures
     still_failed: list[tuple[str, str]] = field(default_factory=list)  # unchanged files recorded as unreadable
     ignored: int = 0  # files that are not images, by extension
+    errors: list[str] = field(default_factory=list)  # ranks of a launched job that stopped early
+    searchable: int = 0  # images in the index with an embedding, once the job is done
 
     def summary(self) -> str:
         return (f"{self.added} added, {self.updated} updated, {self.unchanged} unchanged, {self.moved} moved, "
