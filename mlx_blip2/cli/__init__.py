@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ask, caption, doctor, duplicates, index, search, serve
+from . import ask, caption, doctor, duplicates, finetune, index, search, serve
 
-SUBCOMMANDS = (caption, ask, index, search, duplicates, serve, doctor)
+SUBCOMMANDS = (caption, ask, index, search, duplicates, serve, finetune, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
