@@ -766,6 +766,24 @@ def test_serve_command(monkeypatch, capsys):
     assert "pip install" in capsys.readouterr().err
 
 
+def test_a_relative_model_is_named_by_its_absolute_path(monkeypatch, images):
+    """/v1/models and every reply name a local checkpoint the same from any folder."""
+    import uvicorn
+
+    from mlx_blip2.cli import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
+    monkeypatch.chdir(TINY.parent.parent)
+    assert main(["serve", "-m", f"fixtures/{TINY.name}", "--port", "0"]) == 0
+    with BackgroundServer(served["app"]) as s:
+        assert request(s, "GET", "/v1/models")[2]["data"][0]["id"] == str(TINY.resolve())
+        code, _, body = post(s, "/v1/chat/completions", chat_payload(images[0], max_tokens=3))
+        assert code == 200 and body["model"] == str(TINY.resolve())
+        assert post(s, "/v1/caption", {"image": data_url(images[0]), "max_new_tokens": 3})[2]["model"] == \
+            str(TINY.resolve())
+
+
 def test_process_exits_cleanly_after_serving():
     """The model thread ends its MLX stream: exiting after a served request must not abort (it did ~1 run in 5)."""
     import subprocess

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_generation_args, add_model_args, generation_kwargs, load_pipeline
+from .common import add_generation_args, add_model_args, generation_kwargs, load_pipeline, peak_memory_text
 
 
 def add_parser(sub):
@@ -18,14 +18,15 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    kwargs = generation_kwargs(args)  # checked before the model loads
     pipe = load_pipeline(args, "captioning", "ask")
     if not args.stream:
-        print(pipe.ask(args.image, args.question, **generation_kwargs(args)))
+        print(pipe.ask(args.image, args.question, **kwargs))
         return 0
     from ..pipelines.engine import Row
     from ..generation.options import resolve
 
-    options = resolve(pipe.vqa_defaults, generation_kwargs(args), stream=True)
+    options = resolve(pipe.vqa_defaults, kwargs, stream=True)
     response = None
     for response in pipe.engine.stream(Row(image=args.image, prompt=pipe.vqa_template.format(args.question)),
                                        options):
@@ -33,6 +34,6 @@ def run(args) -> int:
     print()
     if response is not None:
         print(f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; generation: "
-              f"{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; peak memory: "
-              f"{response.peak_memory:.2f} GB", file=sys.stderr)
+              f"{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; "
+              f"{peak_memory_text(response.peak_memory * 1e9)}", file=sys.stderr)
     return 0

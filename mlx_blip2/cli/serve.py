@@ -30,10 +30,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds a request may take, queueing included, before it is cancelled (default: 120)")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503 (default: 256)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask for")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="largest max_new_tokens a request may ask for (default: 512)")
     p.add_argument("--allow-url-fetch", action="store_true",
                    help="let requests name http(s) image URLs for the server to fetch (off by default)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
     add_door_args(p)
     add_page_args(p)
     return p
@@ -188,12 +190,12 @@ def run(args) -> int:
     server_settings(args)  # checked before anything loads
     import mlx.core as mx
 
+    from ..photo_index import check_retrieval_checkpoint, model_id
     from ..pipelines import DEFAULT_MODEL, load
 
-    name = args.model or (index_model(args.index) if args.index else None) or DEFAULT_MODEL
+    # A local checkpoint by its absolute path: /v1/models and every reply name it the same from any folder.
+    name = model_id(args.model or (index_model(args.index) if args.index else None) or DEFAULT_MODEL)
     if args.index:
-        from ..photo_index import check_retrieval_checkpoint
-
         check_retrieval_checkpoint(name, "serve --index")
     print(f"loading {name}...", file=sys.stderr)
     pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None)
