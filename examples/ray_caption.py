@@ -2,6 +2,7 @@
 
     pip install 'mlx-blip2[ray]'
     python examples/ray_caption.py --model Salesforce/blip2-opt-2.7b --images ~/Pictures --out captions/
+    python -c "import pandas as pd; print(pd.read_parquet('captions/'))"      # path, caption, error
 
 On a cluster, start Ray there (``ray start --head`` / ``--address``) and this script joins it (``--address auto``).
 Without --images it captions a few generated pictures, to show the pipeline end to end.
@@ -31,12 +32,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="Salesforce/blip2-opt-2.7b")
     ap.add_argument("--images", default=None, help="a folder of images (default: a few generated ones)")
-    ap.add_argument("--out", default=None, help="write Parquet files here (default: print the rows)")
+    ap.add_argument("--out", default=None,
+                    help="write Parquet files into this folder, replacing what is there (default: print the rows)")
     ap.add_argument("--address", default=None, help="a Ray cluster to join ('auto'); default: a local Ray")
     ap.add_argument("--actors", type=int, default=1, help="model replicas (each loads the model once)")
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
 
+    import pandas as pd
     import ray
 
     from mlx_blip2.files import find_images
@@ -50,10 +53,11 @@ def main() -> None:
         ds = ray.data.from_items([{"path": p} for p in paths])
         ds = ds.map_batches(Captioner, fn_constructor_kwargs={"model": args.model, "column": "path",
                                                               "max_new_tokens": 20},
-                            batch_size=args.batch_size, concurrency=args.actors, num_cpus=1)
+                            batch_size=args.batch_size, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=args.actors))
         if args.out:
-            ds.write_parquet(args.out)
-            print(f"wrote {len(paths)} rows to {args.out}")
+            ds.write_parquet(args.out, mode="overwrite")  # a rerun replaces the rows instead of adding them again
+            print(f"wrote {len(pd.read_parquet(args.out))} rows to {args.out} (read them with pd.read_parquet)")
         else:
             for row in ds.take_all():
                 print(f"{os.path.basename(row['path'])}: {row['caption'] if row['error'] is None else 'ERROR ' + row['error']}")

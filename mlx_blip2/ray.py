@@ -4,14 +4,17 @@
     from mlx_blip2.ray import Captioner
     ds = ray.data.read_images("s3://bucket/photos/", include_paths=True)      # or from_items([{"path": ...}])
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={"model": "Salesforce/blip2-opt-2.7b"},
-                        batch_size=16, concurrency=4)                           # 4 actors, one model each
+                        batch_size=16, compute=ray.data.ActorPoolStrategy(size=4))  # 4 actors, a model each
     ds.select_columns(["path", "caption", "error"]).write_parquet("captions/")
+    pd.read_parquet("captions/")                                                # or pyarrow, DuckDB, Ray
 
 Each actor loads the model once. A batch holds images (arrays, as ``read_images`` gives them; bytes, as
 ``read_binary_files`` gives them; PIL images) or file paths, in the column ``column`` ("image" by default, or
 "path"); the other columns are passed through. Every row gets its result and an ``error`` column (None when all went
 well): one bad image never fails the batch. Captions are those of ``Blip2Pipeline.caption`` with the same options.
-This module imports without Ray (``pip install 'mlx-blip2[ray]'`` to use Ray itself).
+The columns an adapter adds are pyarrow arrays of the types its ``schema`` declares, whether or not a row of the
+batch failed, so that every Parquet file Ray writes from them has the same schema. This module imports without Ray
+(``pip install 'mlx-blip2[ray]'`` to use Ray itself).
 """
 
 from __future__ import annotations
@@ -47,13 +50,15 @@ class _Actor:
         results = list(self.pool.map(one, values))
         return [r[0] for r in results], [r[1] for r in results]
 
-    @staticmethod
-    def _out(batch, **columns) -> dict:
+    def _out(self, batch, **columns) -> dict:
+        """The batch's columns, and the new ones typed as ``schema`` declares (Ray keeps pyarrow arrays as they are,
+        where it would type a column of Nones as null)."""
+        import pyarrow as pa
+
         out = {k: np.asarray(batch[k]) for k in batch.keys()}  # noqa: SIM118 - a dict or a DataFrame
+        schema = self.schema
         for name, values in columns.items():
-            array = np.empty(len(values), dtype=object)
-            array[:] = values
-            out[name] = array
+            out[name] = values if isinstance(values, pa.Array) else pa.array(values, schema.field(name).type)
         return out
 
 
@@ -71,6 +76,13 @@ class Captioner(_Actor):
         super().__init__(column, workers)
         pipe = load(model, dtype=_dtype(dtype))
         self.captioner = BatchCaptioner(pipe, prompt, **generate_kwargs)
+
+    @property
+    def schema(self):
+        """The columns added: ``caption`` and ``error``, both strings (null where not set)."""
+        import pyarrow as pa
+
+        return pa.schema([("caption", pa.string()), ("error", pa.string())])
 
     def _caption(self, pixels: list) -> list[tuple[str | None, str | None]]:
         try:
@@ -92,8 +104,9 @@ class Captioner(_Actor):
 class ImageEmbedder(_Actor):
     """``Dataset.map_batches(ImageEmbedder, fn_constructor_kwargs={"model": ...})``: adds ``embedding`` and
     ``error``. ``model``: a retrieval checkpoint (only its vision half is loaded). ``embedding``: the normalised ITC
-    query embeddings (Q, D) float32 that ``mlx-blip2 index`` stores, or their mean (D,), re-normalised, when
-    ``pooled``; None for an image that failed."""
+    query embeddings that ``mlx-blip2 index`` stores, a fixed-size list of Q fixed-size lists of D float32 (Q, D:
+    the checkpoint's ``num_query_tokens``, ``image_text_hidden_size``), or, when ``pooled``, their mean, re-normalised,
+    a fixed-size list of D float32; null for an image that failed."""
 
     def __init__(self, model: str, column: str = "image", pooled: bool = False, dtype: str | None = None,
                  workers: int | None = None):
@@ -102,6 +115,33 @@ class ImageEmbedder(_Actor):
         super().__init__(column, workers)
         self.engine = load_engine(model, dtype=_dtype(dtype))
         self.pooled = pooled
+        config = self.engine.model.config
+        self.shape = (config.image_text_hidden_size,) if pooled else \
+            (config.num_query_tokens, config.image_text_hidden_size)
+
+    @property
+    def schema(self):
+        """The columns added: ``embedding`` (float32 fixed-size lists of ``shape``) and ``error`` (string)."""
+        import pyarrow as pa
+
+        embedding = pa.float32()
+        for size in reversed(self.shape):
+            embedding = pa.list_(embedding, size)
+        return pa.schema([("embedding", embedding), ("error", pa.string())])
+
+    def _embedding_array(self, embeddings: list):
+        """Rows of ``shape`` (None: null) as one fixed-size-list array, built on a single float32 buffer."""
+        import pyarrow as pa
+
+        flat = np.zeros((len(embeddings), *self.shape), np.float32)
+        for i, e in enumerate(embeddings):
+            if e is not None:
+                flat[i] = e
+        array = pa.array(flat.reshape(-1))
+        for size in reversed(self.shape[1:]):
+            array = pa.FixedSizeListArray.from_arrays(array, size)
+        return pa.FixedSizeListArray.from_arrays(array, self.shape[0],
+                                                 mask=pa.array([e is None for e in embeddings]))
 
     def _embed(self, pixels: list) -> list[tuple[np.ndarray | None, str | None]]:
         try:
@@ -121,7 +161,7 @@ class ImageEmbedder(_Actor):
         embeddings: list[np.ndarray | None] = [None] * len(errors)
         for i, (embedding, error) in zip(good, self._embed([pixels[i] for i in good]) if good else []):
             embeddings[i], errors[i] = embedding, error
-        return self._out(batch, embedding=embeddings, error=errors)
+        return self._out(batch, embedding=self._embedding_array(embeddings), error=errors)
 
 
 def _dtype(name: str | None):

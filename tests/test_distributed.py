@@ -152,8 +152,8 @@ def test_manifest_to_parquet_shards_under_launch(tmp_path):
     shards = tmp_path / "shards"
     proc = launch(2, "--manifest", manifest, "--format", "parquet", "-o", shards, "--shard-size", "3", *GEN)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.name for p in shards.iterdir()) == [f"{k:05d}{s}" for k in range(3)
-                                                       for s in (".parquet", "_stats.json")]
+    assert sorted(p.name for p in shards.iterdir()) == sorted(n for k in range(3)
+                                                              for n in (f"{k:05d}.parquet", f"_{k:05d}_stats.json"))
     rows = [r for k in range(3) for r in pq.read_table(shards / f"{k:05d}.parquet").to_pylist()]
     assert [r["path"] for r in rows] == [str(p) for p in paths] + [str(tmp_path / "lib" / "missing.png")]
     assert all(r["caption"] for r in rows[:7]) and rows[7]["error"] and rows[7]["caption"] is None
@@ -211,9 +211,9 @@ def test_parquet_shard_is_redone_only_without_its_marker(tmp_path, monkeypatch):
     args = ["caption", str(tmp_path / "lib"), "--format", "parquet", "-o", str(shards), "--shard-size", "2",
             "--model", str(TINY), *GEN, "-q"]
     assert main(args) == 0
-    assert [json.loads((shards / f"{k:05d}_stats.json").read_text())["count"] for k in range(3)] == [2, 2, 1]
+    assert [json.loads((shards / f"_{k:05d}_stats.json").read_text())["count"] for k in range(3)] == [2, 2, 1]
     before = pq.read_table(shards / "00001.parquet").to_pylist()
-    (shards / "00001_stats.json").unlink()  # as a kill before the marker leaves it
+    (shards / "_00001_stats.json").unlink()  # as a kill before the marker leaves it
     stamps = {k: (shards / f"{k:05d}.parquet").stat().st_mtime_ns for k in (0, 2)}
     assert main(args) == 0
     assert {k: (shards / f"{k:05d}.parquet").stat().st_mtime_ns for k in (0, 2)} == stamps

@@ -1,17 +1,19 @@
 """Dataset-scale output: Parquet shards with a done marker each (``--format parquet -o DIR [--shard-size S]``).
 
 The images (a manifest's, in its order, or a folder walk's) are cut into shards of S by position: shard k is
-``DIR/{k:05d}.parquet``, followed by ``DIR/{k:05d}_stats.json`` once it is complete (as img2dataset does). A shard
-whose marker is there, for the same images, is never redone (nothing of it is even stat'ed); an unfinished one is
-captioned again whole, so a kill costs at most one shard per rank. Under ``mlx.launch`` the unfinished shards are
-dealt round robin to the ranks; each rank writes its own shards (no merge). Needs pyarrow
-(``pip install 'mlx-blip2[parquet]'``).
+``DIR/{k:05d}.parquet``, followed by its done marker ``DIR/_{k:05d}_stats.json`` once it is complete (as img2dataset
+does, under a name that starts with ``_`` so that pandas, pyarrow, DuckDB and Ray read ``DIR`` whole as data). A
+shard whose marker is there, for the same images, is never redone (nothing of it is even stat'ed); an unfinished one
+is captioned again whole, so a kill costs at most one shard per rank. Every shard has the schema :func:`schema`,
+whether or not any of its images failed. Under ``mlx.launch`` the unfinished shards are dealt round robin to the
+ranks; each rank writes its own shards (no merge). Needs pyarrow (``pip install 'mlx-blip2[parquet]'``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -24,6 +26,7 @@ from .writer import TODO, UsageError, Writer
 
 DEFAULT_SHARD_SIZE = 10_000
 COLUMNS = ("path", "caption", "error", "model", "prompt", "size", "mtime", "path_b64", "raw")
+_BARE_MARKER = re.compile(r"(\d{5,})_stats\.json")  # the marker name before it started with "_"
 
 
 def _pyarrow():
@@ -35,8 +38,27 @@ def _pyarrow():
     return pa, pq
 
 
+def schema():
+    """The columns of every shard: text, except ``size`` (int64 bytes) and ``mtime`` (float64 seconds)."""
+    pa, _ = _pyarrow()
+    types = {"size": pa.int64(), "mtime": pa.float64()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+
+
 def shard_paths(directory: str, k: int) -> tuple[str, str]:
-    return os.path.join(directory, f"{k:05d}.parquet"), os.path.join(directory, f"{k:05d}_stats.json")
+    return os.path.join(directory, f"{k:05d}.parquet"), os.path.join(directory, f"_{k:05d}_stats.json")
+
+
+def adopt_bare_markers(directory: str) -> None:
+    """Give the done markers of a folder written under the bare names (``00000_stats.json``, which readers take for
+    data) their ``_`` names. Safe for ranks doing it at once: a rename is atomic, and one that lost the race is
+    already done."""
+    for name in os.listdir(directory):
+        if _BARE_MARKER.fullmatch(name):
+            try:
+                os.replace(os.path.join(directory, name), os.path.join(directory, "_" + name))
+            except FileNotFoundError:
+                pass
 
 
 def is_done(directory: str, k: int, files: list[ImageFile]) -> bool:
@@ -71,9 +93,7 @@ class ParquetShardWriter(Writer):
             return
         pa, pq = _pyarrow()
         rows = [self.records[f.path] for f in self.files]
-        table = pa.table({c: [r.get(c) for r in rows] for c in COLUMNS},
-                         schema=pa.schema([(c, pa.float64() if c == "mtime" else pa.int64() if c == "size"
-                                            else pa.string()) for c in COLUMNS]))
+        table = pa.table({c: [r.get(c) for r in rows] for c in COLUMNS}, schema=schema())
         data_path, stats_path = shard_paths(self.directory, self.k)
         tmp = os.path.join(self.directory, f".{self.k:05d}.parquet.{os.getpid()}.tmp")
         pq.write_table(table, tmp)
@@ -113,6 +133,7 @@ def caption_parquet(pipe, files: list[ImageFile], job, *, rank: int = 0, size: i
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UsageError(f"--format parquet writes shards into a folder; '{display_path(directory)}' is a file")
     os.makedirs(directory, exist_ok=True)
+    adopt_bare_markers(directory)
     shards = [files[i:i + shard_size] for i in range(0, len(files), shard_size)]
     pending = [k for k, shard in enumerate(shards) if existing == "overwrite" or not is_done(directory, k, shard)]
     summary = Summary(total=len(files), rank=rank)
