@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_generation_args, add_model_args, generation_kwargs, load_pipeline, peak_memory_text
+from .common import (add_adapter_arg, add_generation_args, add_model_args, generation_kwargs, load_pipeline,
+                     peak_memory_text)
 
 
 def add_parser(sub):
@@ -13,6 +14,7 @@ def add_parser(sub):
     p.add_argument("question", help="the question")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (greedy or sampling)")
     add_model_args(p)
+    add_adapter_arg(p)
     add_generation_args(p)
     return p
 

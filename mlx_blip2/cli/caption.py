@@ -15,6 +15,7 @@ from ..library.job import ALL_FORMATS, CaptionJob, caption
 from ..library.launch import current_group, is_follower
 from ..library.parquet import DEFAULT_SHARD_SIZE
 from .common import (
+    add_adapter_arg,
     add_generation_args,
     add_model_args,
     generation_kwargs,
@@ -77,6 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar or summary line (failures are still listed)")
     add_model_args(p)
+    add_adapter_arg(p)
     add_generation_args(p)
     return p
 

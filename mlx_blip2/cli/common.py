@@ -20,6 +20,11 @@ def add_model_args(p: argparse.ArgumentParser, default_hint: str = "Salesforce/b
                    help="compute precision (default: float32 on the CPU, float16 on a GPU)")
 
 
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a fine-tuned adapter directory (from mlx-blip2 finetune) applied to the model")
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
@@ -102,4 +107,5 @@ def load_pipeline(args, kind: str, command: str, default: str | None = None):
 
     model = args.model or default or DEFAULT_MODEL
     require_kind(resolve_checkpoint(model), kind, command)
-    return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None,
+                adapter_path=getattr(args, "adapter", None))

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..server import INSTALL_HINT, missing_server_packages
-from .common import add_model_args
+from .common import add_adapter_arg, add_model_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -17,6 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="A local HTTP server: /v1/caption, /v1/ask, /v1/chat/completions (OpenAI), "
                                    "/v1/match, /v1/embeddings, /v1/models, /health; OpenAPI docs at /docs.")
     add_model_args(p)
+    add_adapter_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.add_argument("--max-batch", type=int, default=8, help="most images x questions in one model call (default: 8)")
@@ -198,5 +199,5 @@ def run(args) -> int:
     if args.index:
         check_retrieval_checkpoint(name, "serve --index")
     print(f"loading {name}...", file=sys.stderr)
-    pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None, adapter_path=args.adapter)
     return serve_app(args, pipeline, name, args.index)
