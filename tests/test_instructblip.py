@@ -30,9 +30,6 @@ OPTIONS = {
     "penalties": dict(repetition_penalty=1.5, no_repeat_ngram_size=2),
 }
 MODEL_INPUTS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")
-# generation/generate.py's prepare_inputs gives every T5 row the same history list ([[start]] * B), so
-# repetition_penalty/no_repeat_ngram_size mix the rows of a T5 batch (BLIP-2's too); the one-line fix is in
-# notes/issue16.md. Single rows are right already.
 
 
 def is_t5(name):
