@@ -33,7 +33,8 @@ def _column(batch, column: str) -> list:
 
 
 class _Actor:
-    """Shared by the adapters: the batch's images decoded in threads, each error caught per row."""
+    """Shared by the adapters: the batch's images decoded in threads, then the model run on the good ones, each
+    error caught per row."""
 
     def __init__(self, column: str, workers: int | None):
         self.column = column
@@ -49,6 +50,25 @@ class _Actor:
 
         results = list(self.pool.map(one, values))
         return [r[0] for r in results], [r[1] for r in results]
+
+    def _each(self, infer, pixels: list, what: str) -> list[tuple]:
+        """(result, error) per image: ``infer`` on the batch, or, when that raises, on each image alone, so that
+        only a bad one fails."""
+        try:
+            return [(r, None) for r in infer(pixels)]
+        except Exception as e:  # noqa: BLE001 - one bad image never fails the batch
+            if len(pixels) == 1:
+                return [(None, f"{what} failed: {type(e).__name__}: {e}")]
+            return [r for p in pixels for r in self._each(infer, [p], what)]
+
+    def _results(self, batch, preprocess, infer, what: str) -> tuple[list, list]:
+        """The results of ``infer`` and the errors (None where all went well), a row each of the batch."""
+        pixels, errors = self._decode(preprocess, _column(batch, self.column))
+        good = [i for i, e in enumerate(errors) if e is None]
+        results: list = [None] * len(errors)
+        for i, (result, error) in zip(good, self._each(infer, [pixels[i] for i in good], what) if good else []):
+            results[i], errors[i] = result, error
+        return results, errors
 
     def _out(self, batch, **columns) -> dict:
         """The batch's columns, and the new ones typed as ``schema`` declares (Ray keeps pyarrow arrays as they are,
@@ -84,20 +104,8 @@ class Captioner(_Actor):
 
         return pa.schema([("caption", pa.string()), ("error", pa.string())])
 
-    def _caption(self, pixels: list) -> list[tuple[str | None, str | None]]:
-        try:
-            return [(c, None) for c in self.captioner(pixels)]
-        except Exception as e:  # noqa: BLE001 - the batch fails: each image alone, so only the bad one fails
-            if len(pixels) == 1:
-                return [(None, f"captioning failed: {type(e).__name__}: {e}")]
-            return [r for p in pixels for r in self._caption([p])]
-
     def __call__(self, batch) -> dict:
-        pixels, errors = self._decode(self.captioner.preprocess, _column(batch, self.column))
-        good = [i for i, e in enumerate(errors) if e is None]
-        captions: list[str | None] = [None] * len(errors)
-        for i, (caption, error) in zip(good, self._caption([pixels[i] for i in good]) if good else []):
-            captions[i], errors[i] = caption, error
+        captions, errors = self._results(batch, self.captioner.preprocess, self.captioner, "captioning")
         return self._out(batch, caption=captions, error=errors)
 
 
@@ -113,9 +121,9 @@ class ImageEmbedder(_Actor):
         from .photo_index import load_engine
 
         super().__init__(column, workers)
-        self.engine = load_engine(model, dtype=_dtype(dtype))
+        self.pipe = load_engine(model, dtype=_dtype(dtype))  # the retrieval pipeline's vision half
         self.pooled = pooled
-        config = self.engine.model.config
+        config = self.pipe.model.config
         self.shape = (config.image_text_hidden_size,) if pooled else \
             (config.num_query_tokens, config.image_text_hidden_size)
 
@@ -143,24 +151,15 @@ class ImageEmbedder(_Actor):
         return pa.FixedSizeListArray.from_arrays(array, self.shape[0],
                                                  mask=pa.array([e is None for e in embeddings]))
 
-    def _embed(self, pixels: list) -> list[tuple[np.ndarray | None, str | None]]:
-        try:
-            embeds = self.engine.embed_images(pixels, preprocessed=True)
-        except Exception as e:  # noqa: BLE001
-            if len(pixels) == 1:
-                return [(None, f"embedding failed: {type(e).__name__}: {e}")]
-            return [r for p in pixels for r in self._embed([p])]
+    def _embed(self, pixels: list) -> np.ndarray:
+        embeds = self.pipe.embed_images(pixels, preprocessed=True)
         if self.pooled:
             embeds = embeds.mean(axis=1)
             embeds = embeds / np.linalg.norm(embeds, axis=-1, keepdims=True)
-        return [(e, None) for e in embeds]
+        return embeds
 
     def __call__(self, batch) -> dict:
-        pixels, errors = self._decode(self.engine.preprocess, _column(batch, self.column))
-        good = [i for i, e in enumerate(errors) if e is None]
-        embeddings: list[np.ndarray | None] = [None] * len(errors)
-        for i, (embedding, error) in zip(good, self._embed([pixels[i] for i in good]) if good else []):
-            embeddings[i], errors[i] = embedding, error
+        embeddings, errors = self._results(batch, self.pipe.preprocess, self._embed, "embedding")
         return self._out(batch, embedding=self._embedding_array(embeddings), error=errors)
 
 

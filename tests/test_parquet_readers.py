@@ -114,10 +114,12 @@ def test_folder_with_bare_marker_names_resumes(tmp_path, local_ray):
     for k in (0, 1):  # the names markers had before they started with "_"
         os.replace(out / f"_{k:05d}_stats.json", out / f"{k:05d}_stats.json")
     os.unlink(out / "00001_stats.json")  # shard 1 unfinished: redone, shard 0 kept
+    (out / ".00001.parquet.99999.tmp").write_bytes(b"PAR1 cut short")  # as a kill mid-write leaves it
     kept = (out / "00000.parquet").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "00000.parquet").stat().st_mtime_ns == kept
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "_00000_stats.json", "_00001_stats.json"]
+    assert sorted(os.listdir(out)) == [".00001.parquet.99999.tmp", "00000.parquet", "00001.parquet",
+                                       "_00000_stats.json", "_00001_stats.json"]
     assert json.loads((out / "_00000_stats.json").read_text())["count"] == 4
     assert_each_once(readers(out, shard_schema()), paths)
 
