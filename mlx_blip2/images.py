@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,29 @@ class ImageLoadError(ValueError):
 
 
 class ImageTooLargeError(ImageLoadError):
-    """An image over the byte or pixel limit."""
+    """An image over a limit: ``limit`` is "bytes" or "pixels" (the caller's), or "pillow" (Pillow's own
+    decompression-bomb limit, above a larger ``max_pixels``)."""
+
+    def __init__(self, message: str, limit: str = "bytes"):
+        super().__init__(message)
+        self.limit = limit
+
+
+def _too_many_pixels(name: str, pixels: int | None, max_pixels: int | None) -> ImageTooLargeError:
+    """One message for an image over the pixel limit, whichever check caught it (ours, or Pillow's bomb check)."""
+    pillow = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Pillow refuses above twice its warning threshold
+    ours = max_pixels is not None and (not pillow or max_pixels <= pillow)
+    limit = max_pixels if ours else pillow
+    size = f"{pixels / 1e6:.1f} megapixels" if pixels else "over the limit"
+    return ImageTooLargeError(f"{name} is {size}; the limit is {limit / 1e6:g} megapixels"
+                              + ("" if ours else " (Pillow's decompression-bomb limit)"),
+                              "pixels" if ours else "pillow")
+
+
+def _bomb_pixels(e: Exception) -> int | None:
+    """The pixel count in Pillow's DecompressionBombError message ("Image size (N pixels) exceeds ...")."""
+    match = re.search(r"\((\d+) pixels\)", str(e))
+    return int(match[1]) if match else None
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -130,21 +153,20 @@ def _decode(fp, name: str, max_pixels: int | None) -> Image.Image:
     try:
         img = Image.open(fp, formats=formats)
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name} is too large to decode: {e}") from None
+        raise _too_many_pixels(name, _bomb_pixels(e), max_pixels) from None
     except Exception:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError...: not an image we read
         raise ImageLoadError(f"{name} is not an image in a supported format ({', '.join(formats)})"
                              f"{_format_hint(name)}") from None
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
-                                 f"{max_pixels / 1e6:g} megapixels")
+        raise _too_many_pixels(f"{name} ({w}x{h})", w * h, max_pixels)
     if w < 1 or h < 1:
         raise ImageLoadError(f"{name} has no pixels ({w}x{h})")
     try:
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name} is too large to decode: {e}") from None
+        raise _too_many_pixels(name, _bomb_pixels(e), max_pixels) from None
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data, whatever the decoder raises
         raise ImageLoadError(f"{name} could not be decoded ({img.format} data is corrupt or truncated: "
                              f"{str(e)[:120] or type(e).__name__})") from None

@@ -25,7 +25,7 @@ from reference_cases import make_images
 
 from mlx_blip2.generation import generate as G
 from mlx_blip2.pipelines.engine import Engine, Row
-from mlx_blip2.generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS, resolve
+from mlx_blip2.generation.recipes import CAPTION_DEFAULTS, VQA_DEFAULTS, resolve_recipe
 from mlx_blip2.pipelines import load
 from mlx_blip2.server import missing_server_packages
 
@@ -221,7 +221,7 @@ def test_caption_json_and_multipart_match_the_pipeline(server, pipe, images):
     code, _, body = post(server, "/v1/caption", {"image": data_url(image), "num_beams": 3,
                                                  "num_return_sequences": 2, "max_new_tokens": 8})
     assert code == 200
-    options = resolve(CAPTION_DEFAULTS, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8})
+    options = resolve_recipe(CAPTION_DEFAULTS, {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8})
     assert body["captions"] == [c.text for c in pipe.engine.generate([Row(image=image)], options)[0]]
     assert body["caption"] == body["captions"][0]
 
@@ -428,6 +428,23 @@ def test_size_limits(pipe, images):
                              headers={"Content-Type": "application/json"}), 413, "MB")
     finally:
         s.stop()
+
+
+def test_too_many_pixels_is_one_message_naming_the_flag(server):
+    """Past --max-pixels, or past Pillow's own decompression-bomb limit: the same 413, naming the setting."""
+    import re
+
+    messages = []
+    for side in (8000, 20000):  # 64 MP (our check, from the header); 400 MP (Pillow's bomb check, while opening)
+        payload = {"image": base64.b64encode(png_header_only(side, side)).decode()}
+        messages.append(assert_error(post(server, "/v1/caption", payload), 413, "--max-pixels"))
+    for message, megapixels in zip(messages, ("64.0", "400.0")):
+        assert re.fullmatch(rf"'image'( \(\d+x\d+\))? is {megapixels} megapixels; the limit is 50 megapixels "
+                            r"\(this server's --max-pixels\)", message), message
+    upload = assert_error(post(serve_limits := serve(server.app.state.pipeline, max_upload_bytes=20),
+                               "/v1/caption", {"image": base64.b64encode(png_header_only(20, 20)).decode()}), 413)
+    serve_limits.stop()
+    assert upload.endswith("(this server's --max-upload-mb)"), upload
 
 
 def test_bad_requests_are_4xx(server, images):
@@ -983,9 +1000,9 @@ def test_worker_batches_jobs_into_one_engine_call():
         kind, engine = "captioning", FakeEngine()
 
     worker = ModelWorker(FakePipeline(), max_batch=8, batch_window=0.5)
-    options = resolve(CAPTION_DEFAULTS)
+    options = resolve_recipe(CAPTION_DEFAULTS)
     key = generation_key(options, True)
-    assert generation_key(resolve(CAPTION_DEFAULTS, {"temperature": 0.5, "seed": 1}), True) is None
+    assert generation_key(resolve_recipe(CAPTION_DEFAULTS, {"temperature": 0.5, "seed": 1}), True) is None
     jobs = [Job("generate", {"rows": [Row(prompt=p) for p in prompts], "options": options}, key, len(prompts))
             for prompts in (["a"], ["b", "c"], ["long"], ["d"])]
     for _ in jobs:

@@ -30,9 +30,16 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
+# The serve flag that raises each limit an image can exceed (Pillow's own has none: it is past every setting).
+LIMIT_FLAGS = {"pixels": "--max-pixels", "bytes": "--max-upload-mb"}
+
+
 def image_error(e: ImageLoadError, param: str) -> APIError:
-    """413 for an image over a limit, 400 for one that cannot be decoded."""
-    return APIError(413 if isinstance(e, ImageTooLargeError) else 400, str(e), param)
+    """413 for an image over a limit (naming the server's setting), 400 for one that cannot be decoded."""
+    if not isinstance(e, ImageTooLargeError):
+        return APIError(400, str(e), param)
+    flag = LIMIT_FLAGS.get(e.limit)
+    return APIError(413, str(e) + (f" (this server's {flag})" if flag else ""), param)
 
 
 def from_worker(e: BaseException) -> APIError:

@@ -27,7 +27,7 @@ def human_size(n: float) -> str:
 
 def too_large(what: str, size: int, config: ServerConfig, param: str) -> APIError:
     return APIError(413, f"{what} is {human_size(size)}; this server accepts at most "
-                         f"{human_size(config.max_upload_bytes)} per image", param)
+                         f"{human_size(config.max_upload_bytes)} per image (this server's --max-upload-mb)", param)
 
 
 def looks_like_path(text: str) -> bool:
