@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import display_path, find_images, utf8_text
+from ..files import find_images, utf8_text
 from .captions import refresh_from_sidecars
 from .store import Entry, Move, PhotoIndex, PhotoIndexError
 
@@ -219,7 +219,3 @@ def _embed_all(db: PhotoIndex, engine, todo: list, batch_size: int, report: Inde
             db.write_batch(entries, bad, gone)
             report.removed += len(gone)
             bar.update(len(batch))
-
-
-def describe_failures(report: IndexReport) -> list[str]:
-    return [f"unreadable: {display_path(path)}: {reason}" for path, reason in report.failed]
