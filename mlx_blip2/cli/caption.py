@@ -21,6 +21,7 @@ from .common import (
     generation_kwargs,
     load_pipeline,
 )
+from .onepass import add_index_args, run_one_pass
 
 EPILOG = """\
 examples:
@@ -80,6 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     add_adapter_arg(p)
     add_generation_args(p)
+    add_index_args(p)
     return p
 
 
@@ -118,6 +120,9 @@ def run(args) -> int:
     err = sys.stderr
     try:
         job = caption_job(args)
+        if args.index is not None:  # caption and index in one pass
+            return run_one_pass(args, job, lambda: load_pipeline(args, "captioning", "caption"),
+                                lambda summary, notes: _report(args, summary, notes, err), err)
         # The model is loaded only when something needs a caption; under mlx.launch this is one rank of the job.
         summary, notes = caption(lambda: load_pipeline(args, "captioning", "caption"), job, group=current_group())
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # usage, options, checkpoint kind
