@@ -20,6 +20,15 @@ def add_model_args(p: argparse.ArgumentParser, default_hint: str = "Salesforce/b
                    help="compute precision (default: float32 on the CPU, float16 on a GPU)")
 
 
+def model_dtype(args):
+    """The ``mx.Dtype`` that ``--dtype`` names, or None for the default."""
+    if not args.dtype:
+        return None
+    import mlx.core as mx
+
+    return getattr(mx, args.dtype)
+
+
 def add_adapter_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a fine-tuned adapter directory (from mlx-blip2 finetune) applied to the model")

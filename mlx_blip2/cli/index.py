@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..files import display_path
 from ..library.launch import is_follower
-from .common import add_model_args
+from .common import add_model_args, model_dtype
 
 
 def add_parser(sub):
@@ -35,13 +35,8 @@ def index_job(args):
     """The IndexJob the command line describes."""
     from ..photo_index.job import IndexJob
 
-    dtype = None
-    if args.dtype:
-        import mlx.core as mx
-
-        dtype = getattr(mx, args.dtype)
     return IndexJob(paths=args.paths, db=args.db, model=args.model, recursive=args.recursive,
-                    batch_size=args.batch_size, dtype=dtype)
+                    batch_size=args.batch_size, dtype=model_dtype(args))
 
 
 def run(args) -> int:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from ..files import display_path
-from .common import add_model_args
+from .common import add_model_args, model_dtype
 from .serve import add_web_args, run_web
 
 
@@ -82,12 +82,8 @@ def _pipeline(args, db):
     if db.model and model != db.model:
         print(f"warning: '{args.db}' was built with {db.model}; searching with {model}", file=sys.stderr)
     directory = check_retrieval_checkpoint(model, "search")
-    dtype = None
-    if args.dtype:
-        import mlx.core as mx
-
-        dtype = getattr(mx, args.dtype)
-    return Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype, part="full" if args.rerank else "text")
+    return Blip2RetrievalPipeline.from_pretrained(directory, dtype=model_dtype(args),
+                                                  part="full" if args.rerank else "text")
 
 
 def run(args) -> int:
