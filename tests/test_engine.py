@@ -12,8 +12,8 @@ from mlx_blip2.cli import build_parser
 from mlx_blip2.cli.common import CLI_OPTIONS, generation_kwargs
 from mlx_blip2.generation.decoding import GenerationCancelled
 from mlx_blip2.pipelines.engine import Completion, ContextLengthError, Engine, Row
-from mlx_blip2.generation.options import (CAPTION_DEFAULTS, OPTION_FIELDS, PUBLIC_OPTIONS, VQA_DEFAULTS,
-                                          GenerationOptions, resolve)
+from mlx_blip2.generation.options import OPTION_FIELDS, PUBLIC_OPTIONS, GenerationOptions
+from mlx_blip2.generation.recipes import CAPTION_DEFAULTS, VQA_DEFAULTS, resolve_recipe
 from mlx_blip2.pipelines import load
 
 
@@ -48,25 +48,25 @@ def test_option_combinations_are_checked():
     with pytest.raises(ValueError, match="min_new_tokens .* max_new_tokens"):
         GenerationOptions(min_new_tokens=5, max_new_tokens=4)
     with pytest.raises(ValueError, match="unknown generation option 'beams'"):
-        resolve(CAPTION_DEFAULTS, {"beams": 3})
+        resolve_recipe(CAPTION_DEFAULTS, {"beams": 3})
 
 
 def test_a_sampling_option_switches_a_recipe_to_sampling():
-    assert resolve(CAPTION_DEFAULTS, {}).num_beams == 5
+    assert resolve_recipe(CAPTION_DEFAULTS, {}).num_beams == 5
     for option, value in [("temperature", 0.7), ("top_p", 0.9), ("top_k", 5), ("min_p", 0.1)]:
-        o = resolve(CAPTION_DEFAULTS, {option: value})
+        o = resolve_recipe(CAPTION_DEFAULTS, {option: value})
         assert o.do_sample and o.num_beams == 1 and getattr(o, option) == value
-    o = resolve(CAPTION_DEFAULTS, {"temperature": 0.7, "do_sample": False})
+    o = resolve_recipe(CAPTION_DEFAULTS, {"temperature": 0.7, "do_sample": False})
     assert not o.do_sample and o.num_beams == 5  # explicit greedy/beam request wins
-    o = resolve(VQA_DEFAULTS, {"num_beams": 3, "max_new_tokens": 4})
+    o = resolve_recipe(VQA_DEFAULTS, {"num_beams": 3, "max_new_tokens": 4})
     assert (o.num_beams, o.max_new_tokens, o.length_penalty) == (3, 4, 0.0)
 
 
 def test_streaming_recipes_decode_without_beams():
-    o = resolve(VQA_DEFAULTS, {}, stream=True)
+    o = resolve_recipe(VQA_DEFAULTS, {}, stream=True)
     assert o.num_beams == 1 and o.length_penalty == 1.0
     with pytest.raises(ValueError, match="num_beams=1"):
-        resolve(VQA_DEFAULTS, {"num_beams": 3}, stream=True)
+        resolve_recipe(VQA_DEFAULTS, {"num_beams": 3}, stream=True)
 
 
 def test_cli_flags_are_generated_from_the_declaration():
@@ -91,7 +91,7 @@ def reference_ids(pipe, image, prompt, options):
 
 def test_completions_match_generate_row_by_row(pipe):
     images = make_images()
-    options = resolve(CAPTION_DEFAULTS, {"num_beams": 3, "max_new_tokens": 6})
+    options = resolve_recipe(CAPTION_DEFAULTS, {"num_beams": 3, "max_new_tokens": 6})
     rows = [Row(image=images[0], prompt="a photo of"), Row(image=images[1], prompt="a"),
             Row(image=images[2], prompt="the picture shows a")]
     out = pipe.engine.generate(rows, options)

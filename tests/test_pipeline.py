@@ -10,7 +10,7 @@ from PIL import Image
 from reference_cases import PROMPTS, make_images
 
 from mlx_blip2.cli import main
-from mlx_blip2.generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS
+from mlx_blip2.generation.recipes import CAPTION_DEFAULTS, VQA_DEFAULTS
 from mlx_blip2.pipelines import load
 from mlx_blip2.processing import Blip2Processor
 

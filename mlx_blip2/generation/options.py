@@ -1,4 +1,5 @@
-"""Generation options, declared once: type, range, default and help of each, with LAVIS's task recipes beside them.
+"""Generation options, declared once: type, range, default and help of each (the task recipes built on them are in
+:mod:`.recipes`).
 
 ``generate``, ``stream_generate``, the engine, the pipelines, library captioning, the CLI (its flags are generated
 from :data:`OPTION_FIELDS`) and the server (its request schema is generated from it too) all read this module.
@@ -73,6 +74,11 @@ SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p")
 _KINDS = {"int": int, "float": float, "bool": bool}
 
 
+def option_flag(name: str) -> str:
+    """The command line's spelling of an option: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
 def option_kind(name: str) -> type:
     """The scalar type of a public option (int, float or bool); ``early_stopping`` is bool or "never"."""
     annotation = str(OPTION_FIELDS[name].type)
@@ -97,34 +103,3 @@ def check_value(name: str, value) -> None:
         low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else "(-inf"
         raise ValueError(f"{name} must be in {low}, {le if le is not None else 'inf'}{']' if le is not None else ')'}"
                          f", got {value}")
-
-
-# --- LAVIS's recipes (blip2_opt / blip2_t5 `generate` and `predict_answers`) -------------------------------------
-
-CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
-VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
-VQA_TEMPLATE = "Question: {} Answer:"
-
-
-def resolve(recipe: dict | None, overrides: dict | None = None, *, stream: bool = False) -> GenerationOptions:
-    """A task's recipe overridden by ``overrides``; a sampling option switches the recipe's beams to sampling.
-
-    ``stream``: the recipe decodes without beams (beam search only knows its text at the end); asking for beams
-    explicitly is an error. Raises ValueError naming the first option out of range, before any work is done.
-    """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for name in overrides:
-        if name not in OPTION_FIELDS:
-            raise ValueError(f"unknown generation option {name!r} (known: {', '.join(PUBLIC_OPTIONS)})")
-    recipe = dict(recipe or {})
-    if stream:
-        if overrides.get("num_beams", 1) != 1 or overrides.get("num_return_sequences", 1) != 1:
-            raise ValueError("streaming needs num_beams=1 and one sequence: beam search only knows its text at the end")
-        recipe = {k: v for k, v in recipe.items() if k not in ("length_penalty", "num_return_sequences")}
-        recipe["num_beams"] = 1
-    kwargs = {**recipe, **overrides}
-    if any(k in overrides for k in SAMPLING_OPTIONS):
-        kwargs.setdefault("do_sample", True)
-        if kwargs["do_sample"] and "num_beams" not in overrides:
-            kwargs["num_beams"] = 1  # sampling replaces the beams of the recipe
-    return GenerationOptions(**kwargs)

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..files import ImageFile, display_path, find_images, utf8_text
 from ..pipelines.engine import Row
-from ..generation.options import CAPTION_DEFAULTS, GenerationOptions, resolve
+from ..generation.options import PUBLIC_OPTIONS, GenerationOptions, option_flag
+from ..generation.recipes import CAPTION_DEFAULTS, resolve_recipe
 from .manifest import read_manifest
 from .parts import merge_leftovers
 from .progress import Progress, Summary
@@ -35,9 +36,10 @@ DEFAULT_BATCH_SIZE = 8
 
 def caption_options(options: dict | None = None, recipe: dict | None = None) -> GenerationOptions:
     """The generation options of a caption, exactly as ``Blip2Pipeline.caption`` resolves them (LAVIS's recipe
-    overridden by ``options``). A bad value is a UsageError, raised before anything is loaded."""
+    overridden by ``options``). A bad value is a UsageError naming its flag, raised before anything is loaded."""
     try:
-        return resolve(CAPTION_DEFAULTS if recipe is None else recipe, options)
+        return resolve_recipe(CAPTION_DEFAULTS if recipe is None else recipe, options,
+                              names={name: option_flag(name) for name in PUBLIC_OPTIONS})
     except ValueError as e:
         raise UsageError(str(e)) from None
 

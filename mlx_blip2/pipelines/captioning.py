@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .engine import Engine, Row
-from ..generation.options import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_TEMPLATE, resolve
+from ..generation.recipes import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_TEMPLATE, resolve_recipe
 from ..images import open_image
 
 
@@ -42,8 +42,9 @@ class Blip2Pipeline:
         """The language-model prompt of a caption request (BLIP-2: the user's text as is)."""
         return prompt
 
-    def generate(self, images: list, prompts: list[str | None], defaults: dict, options: dict) -> list[str]:
-        opts = resolve(defaults, options)
+    def _texts(self, images: list, prompts: list[str | None], recipe: dict, options: dict) -> list[str]:
+        """The engine's texts for (image, prompt) rows, with ``recipe`` resolved against the user's ``options``."""
+        opts = resolve_recipe(recipe, options)
         rows = [Row(image=im, prompt=p) for im, p in zip(images, prompts)]
         # Several sequences per row (num_return_sequences) come back one after another, as transformers returns them.
         return [c.text for row in self.engine.generate(rows, opts) for c in row]
@@ -59,7 +60,7 @@ class Blip2Pipeline:
         batch = [images] if single else list(images)
         if not batch:
             return []
-        out = self.generate(batch, [self.caption_prompt(prompt)] * len(batch), self.caption_defaults,
+        out = self._texts(batch, [self.caption_prompt(prompt)] * len(batch), self.caption_defaults,
                             generate_kwargs)
         return out[0] if single else out
 
@@ -75,6 +76,6 @@ class Blip2Pipeline:
             return []
         image = open_image(image)
         template = template or self.vqa_template
-        out = self.generate([image] * len(questions), [template.format(q) for q in questions], self.vqa_defaults,
+        out = self._texts([image] * len(questions), [template.format(q) for q in questions], self.vqa_defaults,
                             generate_kwargs)
         return out[0] if single else out

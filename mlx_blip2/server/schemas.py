@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from ..generation.options import OPTION_FIELDS, PUBLIC_OPTIONS, GenerationOptions, option_kind, resolve
+from ..generation.options import OPTION_FIELDS, PUBLIC_OPTIONS, GenerationOptions, option_kind
+from ..generation.recipes import OptionError, resolve_recipe
 from .config import ServerConfig
 from .errors import APIError
 
@@ -202,17 +203,12 @@ def generation_overrides(request: BaseModel) -> dict:
 
 def resolve_options(recipe: dict, overrides: dict, stream: bool = False,
                     names: dict | None = None) -> GenerationOptions:
-    """The task's recipe with the request's options (see :func:`mlx_blip2.generation.options.resolve`); a
+    """The task's recipe with the request's options (see :func:`mlx_blip2.generation.recipes.resolve_recipe`); a
     combination it refuses is a 400 naming the option (``names``: our option -> the request's name for it)."""
     try:
-        return resolve(recipe, overrides, stream=stream)
-    except ValueError as e:
-        message = str(e)
-        mentioned = sorted((message.find(n), n) for n in OPTION_FIELDS if n in message)
-        param = mentioned[0][1] if mentioned else None
-        if names and param in names:
-            message, param = message.replace(param, names[param]), names[param]
-        raise APIError(400, message, param) from None
+        return resolve_recipe(recipe, overrides, stream=stream, names=names)
+    except OptionError as e:
+        raise APIError(400, str(e), e.option) from None
 
 
 def request_names(request: BaseModel) -> dict:
