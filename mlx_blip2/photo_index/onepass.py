@@ -32,7 +32,7 @@ from ..images import open_image
 from ..pipelines.engine import Engine
 from .indexer import IndexReport, file_hash, index_paths, model_id
 from .store import Entry, PhotoIndex
-from .vision_share import VisionShare, decide
+from .vision_share import VisionShare, load_sharing
 
 
 @dataclass
@@ -186,14 +186,11 @@ def caption_and_index(load_captioning, job, index_job, *, group="auto", stdout=N
     state: dict = {}
 
     def load():
-        pipe = load_captioning()
-        retrieval = load_engine(model, dtype=index_job.dtype)
+        pipe, retrieval, share = load_sharing(load_captioning, lambda: load_engine(model, dtype=index_job.dtype),
+                                              log if rank == 0 else None)
         config = retrieval.model.config
         db = PhotoIndex(index_job.db if group is None else part_index(index_job.db, rank))
         sink = IndexSink(db, model, config.num_query_tokens, config.image_text_hidden_size)
-        share = decide(pipe.model, retrieval.model)
-        if rank == 0:
-            print(share.message, file=log)
         state.update(retrieval=retrieval, sink=sink, share=share)
         return _OnePassPipe(pipe, OnePassEngine(pipe.engine, retrieval, sink, share))
 

@@ -5,6 +5,10 @@ BLIP-2 keeps its image encoder frozen in both training stages, so Salesforce's c
 carry the same ViT-g weights. The digest covers the vision config and every vision tensor (name, dtype, shape and
 bytes, SHA-256), as the models hold them after loading: a model loaded in another dtype or with its ViT quantized
 has another digest, and then each model runs its own ViT.
+
+When the encoders are equal the retrieval model is given the captioning model's ViT (the same object), so that one
+copy of the ViT-g (4 GB in float32) is in memory: the retrieval model's own is hashed and dropped before the
+captioning model is loaded, and loaded again only when the two differ.
 """
 
 from __future__ import annotations
@@ -42,16 +46,32 @@ class VisionShare:
         return f"one pass: {self.reason}"
 
 
-def decide(captioning_model, retrieval_model) -> VisionShare:
-    """Compare the two vision encoders (see the module)."""
+def decide(captioning_model, retrieval_digest: str) -> VisionShare:
+    """Compare the captioning model's vision encoder with the retrieval model's (its :func:`vision_digest`)."""
     if getattr(captioning_model, "features_depend_on_prompt", False):
         return VisionShare(False, "", "", "the ViT runs twice: this captioning model's image features depend on "
                                           "the prompt (InstructBLIP), so they are computed by the model itself")
     if not hasattr(captioning_model, "encode_image_features"):
         return VisionShare(False, "", "", f"the ViT runs twice: {type(captioning_model).__name__} cannot take "
                                           "another model's ViT output")
-    a, b = vision_digest(captioning_model), vision_digest(retrieval_model)
+    a, b = vision_digest(captioning_model), retrieval_digest
     if a == b:
         return VisionShare(True, a, b, f"one ViT pass serves both models (equal vision weights, sha256 {a[:12]})")
     return VisionShare(False, a, b, f"the ViT runs twice: the two checkpoints' vision weights differ (sha256 "
                                     f"{a[:12]} vs {b[:12]}: another checkpoint, dtype or quantization)")
+
+
+def load_sharing(load_captioning, load_retrieval, log=None):
+    """(captioning pipeline, retrieval pipeline, VisionShare), with one ViT in memory when they can share it."""
+    retrieval = load_retrieval()
+    digest = vision_digest(retrieval.model)
+    del retrieval.model.vision_model  # freed while the captioning model loads
+    captioning = load_captioning()
+    share = decide(captioning.model, digest)
+    if share.shared:
+        retrieval.model.vision_model = captioning.model.vision_model
+    else:
+        retrieval = load_retrieval()
+    if log is not None:
+        print(share.message, file=log)
+    return captioning, retrieval, share
