@@ -836,7 +836,37 @@ def test_openapi_docs_document_every_endpoint(server):
     assert caption["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
     beams = caption["application/json"]["schema"]["properties"]["num_beams"]["anyOf"][0]
     assert beams["minimum"] == 1 and beams["maximum"] == 16  # declared range, server limit on top
-    assert request(server, "GET", "/docs")[0] == 200
+
+
+def test_docs_are_served_from_this_machine(server):
+    """/docs works offline: Swagger UI's files come from this server, nothing from a CDN."""
+    import re
+
+    code, _, html = request(server, "GET", "/docs")
+    assert code == 200
+    urls = re.findall(rb"""(?:src|href)=["']([^"']+)["']|url: *["']([^"']+)["']""", html)
+    urls = [a or b for a, b in urls]
+    assert urls and all(u.startswith(b"/") for u in urls), urls
+    assert b"cdn" not in html.lower()
+    for url in urls:
+        code, headers, body = request(server, "GET", url.decode())
+        assert code == 200 and len(body) > 2, url
+    assert b"SwaggerUIBundle" in request(server, "GET", "/docs/assets/swagger-ui-bundle.js")[2]
+    assert request(server, "GET", "/docs/assets/index.html")[0] == 404
+    assert request(server, "GET", "/redoc")[0] == 404  # ReDoc has no offline copy
+
+
+def test_docs_without_their_package_say_what_to_install(pipe, monkeypatch):
+    from mlx_blip2.server import docs
+
+    monkeypatch.setattr(docs, "swagger_folder", lambda: None)
+    s = serve(pipe)
+    try:
+        code, _, html = request(s, "GET", "/docs")
+        assert code == 503 and b"pip install fastapi-offline" in html and b"/openapi.json" in html
+        assert request(s, "GET", "/openapi.json")[0] == 200
+    finally:
+        s.stop()
 
 
 def test_schemas_are_generated_from_the_options_declaration():

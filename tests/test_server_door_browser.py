@@ -184,3 +184,17 @@ def test_the_page_itself_still_works(browser, setup):
         found = browser.execute_script(
             "return fetch('/api/search?q=blue').then(r => r.json()).then(j => j.results.length)")
         assert found > 0
+
+
+def test_api_docs_work_offline(browser, setup):
+    """The browser has no network here: Swagger UI renders every endpoint from this server's own files."""
+    server, _, _ = setup
+    browser.get(f"http://127.0.0.1:{server.port}/docs")
+    end = time.monotonic() + 30
+    while browser.execute_script("return document.querySelectorAll('.opblock').length") < 5:
+        assert time.monotonic() < end, browser.page_source[:500]
+        time.sleep(0.1)
+    text = browser.find_element("tag name", "body").text
+    assert "/v1/embeddings" in text and "/v1/chat/completions" in text
+    hosts = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
+    assert set(hosts) == {f"127.0.0.1:{server.port}"}

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from .auth import APIKeyMiddleware
 from .config import make_config
 from .context import ServerContext, context
+from .docs import add_docs
 from .door import Door, DoorMiddleware
 from .errors import APIError, ClientGone
 from .page_auth import PageAuthMiddleware
@@ -101,7 +102,9 @@ def create_app(pipeline, index=None, captions=(), allow_edits: bool = False, new
             if getattr(app.state, "search_page", None) is not None:
                 app.state.search_page.close()
 
-    app = FastAPI(title="mlx-blip2", description=DESCRIPTION, lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
+    app = FastAPI(title="mlx-blip2", description=DESCRIPTION, lifespan=lifespan, exception_handlers=ERROR_HANDLERS,
+                  docs_url=None, redoc_url=None)  # /docs from this machine (docs.py); ReDoc needs a CDN
+    add_docs(app, "mlx-blip2")
     app.add_api_route("/health", health, methods=["GET"], tags=["server"], summary="Liveness (never needs the key)")
     app.add_api_route("/v1/models", models, methods=["GET"], tags=["server"], summary="The model served")
     # Both sets of routes, whatever the checkpoint: the other kind's say which checkpoint they need.
