@@ -164,6 +164,41 @@ def test_typing_updates_the_results(browser, page_server):
     assert severe_logs(browser) == []
 
 
+def test_cards_keep_one_shape_whatever_the_images_shape(browser, tmp_path):
+    """A tall (50x800) and a wide (2000x100) photo among ordinary ones: every card in a row as high as the others,
+    every picture box square (the image cropped to fit, not stretching the row)."""
+    from PIL import Image
+
+    from mlx_blip2.photo_index import PhotoIndex, index_paths
+
+    lib = tmp_path / "shapes"
+    lib.mkdir()
+    for name, size, colour in [("tall.png", (50, 800), (200, 40, 40)), ("wide.png", (2000, 100), (40, 40, 200)),
+                               ("square.png", (300, 300), (40, 160, 40)), ("photo.png", (400, 300), (220, 200, 40))]:
+        Image.new("RGB", size, colour).save(lib / name)
+    with PhotoIndex(tmp_path / "shapes.sqlite") as db:
+        index_paths(db, [lib], model=str(TINY), progress=False)
+    app = create_app(load_retrieval(TINY), index=tmp_path / "shapes.sqlite", model_name="tiny-itm")
+    with BackgroundServer(app) as s:
+        for width in (1280, 700):  # four cards in a row, then two rows of two
+            browser.set_window_size(width, 900)
+            browser.get(s.url + "/?" + urlencode({"q": "a coloured picture"}))
+            loaded_thumbs(browser, 4)
+            boxes = browser.execute_script(
+                "return Array.from(document.querySelectorAll('#results .hit')).map(h => {"
+                "const r = h.getBoundingClientRect(), p = h.querySelector('.open').getBoundingClientRect();"
+                "return {top: Math.round(r.top), height: r.height, width: r.width, ph: p.height, pw: p.width}; })")
+            rows = {}
+            for box in boxes:
+                rows.setdefault(box["top"], []).append(box)
+            assert len(rows) < 4, boxes  # cards share rows
+            for row in rows.values():
+                assert max(b["height"] for b in row) - min(b["height"] for b in row) < 1, boxes
+            for box in boxes:
+                assert abs(box["ph"] - box["pw"]) < 1 and box["height"] < box["width"] * 1.6, boxes
+    browser.set_window_size(1280, 900)
+
+
 def take_screenshot(out: str) -> None:
     """The README's screenshot: the page with a query, on the colourful library."""
     with tempfile.TemporaryDirectory() as tmp:
