@@ -56,7 +56,7 @@ class SidecarWriter(Writer):
         if not data.strip():
             return TODO, None
         try:
-            described = xmp_description(data) is not None
+            described = xmp_description(data, default_only=True) is not None
         except XmpError as e:
             return FAIL, f"existing sidecar '{display_path(sidecar)}' left untouched: {e}"
         return (SKIP, None) if existing == "skip" and described else (TODO, None)

@@ -47,10 +47,11 @@ def _parse_xmp(data: bytes) -> tuple[ET.Element, dict[str, set[str]]]:
     return root, prefixes
 
 
-def xmp_description(data: bytes) -> str | None:
-    """The dc:description an XMP packet holds (its x-default entry, else the first), or None."""
+def xmp_description(data: bytes, default_only: bool = False) -> str | None:
+    """The dc:description an XMP packet holds (its x-default entry, else the first), or None. ``default_only``: the
+    x-default (or language-less) one alone - a packet holding only a translation (``de-DE``) has no caption yet."""
     root, _ = _parse_xmp(data)
-    return _description(root)
+    return _description(root, default_only)
 
 
 
@@ -58,13 +59,14 @@ def _is_default(li: ET.Element) -> bool:
     return (li.get(_XML_LANG) or "").lower() == "x-default"
 
 
-def _description(root: ET.Element) -> str | None:
+def _description(root: ET.Element, default_only: bool = False) -> str | None:
     for desc in root.iter(f"{{{NS_RDF}}}Description"):
         value = desc.get(_DESCRIPTION)
         if value is not None and value.strip():
             return value
     for el in root.iter(_DESCRIPTION):
-        items = [li for li in el.iter(_LI) if (li.text or "").strip()]
+        items = [li for li in el.iter(_LI) if (li.text or "").strip()
+                 and (not default_only or _is_default(li) or li.get(_XML_LANG) is None)]
         items.sort(key=lambda li: not _is_default(li))
         if items:
             return items[0].text
