@@ -36,4 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn a quantized MLX checkpoint back into float weights")
     p.add_argument("--upload-repo", default=None, help="Hub repo to upload the converted model to")
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="fuse a fine-tuned adapter (from mlx-blip2 finetune) into the weights; with -q, quantized after")
     return p

@@ -30,7 +30,8 @@ The conversion is written to a hidden temporary directory next to the target and
 The steps live in their own modules: :mod:`.options` (what to do, checked up front), :mod:`.mapping` (the source:
 its config, the registry's class for it, loading in the target precision), :mod:`.quantize` (which layers, how many
 bits), :mod:`.writing` (weights, support files, model card, move into place, upload) and :mod:`.cli` (the flags).
-A further step (fusing an adapter, say) is one more ``ConvertOptions`` field, flag and line in :func:`convert`.
+``--adapter DIR`` fuses a fine-tuned adapter (:func:`mlx_blip2.models.adapters.fuse_adapter`) into the weights
+before any quantization.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from mlx_blip2.models.adapters import fuse_adapter
 
 from .cli import build_parser
 from .mapping import (default_dtype, dequantize, is_retrieval, load_model, open_source,  # noqa: F401 (re-exported)
@@ -75,6 +78,9 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
     info(f"Loading {hf_path} in {dtype}")
     model = load_model(source, spec, dtype)
     config = target_config(config, dtype)
+    if options.adapter is not None:
+        info(f"Fusing the adapter {options.adapter}")
+        model = fuse_adapter(model, options.adapter)
     if options.dequantize:
         info("Dequantizing")
         model, config = dequantize(model, config)

@@ -64,6 +64,7 @@ class ConvertOptions:
     dequantize: bool = False
     upload_repo: str | None = None
     force: bool = False
+    adapter: str | None = None  # a fine-tuned adapter directory fused into the weights
 
     def __post_init__(self):
         if isinstance(self.dtype, mx.Dtype):
@@ -84,6 +85,10 @@ class ConvertOptions:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.upload_repo is not None:
             validate_upload_repo(self.upload_repo)
+        if self.adapter is not None:
+            from mlx_blip2.models.adapters import read_adapter_config
+
+            read_adapter_config(self.adapter)  # a missing or malformed adapter fails before the load
 
     @property
     def group_size_and_bits(self) -> tuple[int | None, int | None]:

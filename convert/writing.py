@@ -66,6 +66,8 @@ def command_line(hf_path, mlx_path: Path, options: ConvertOptions, dtype: str) -
         args += ["--quant-predicate", pred] if isinstance(pred, str) else []
     if options.dequantize:
         args.append("--dequantize")
+    if options.adapter is not None:
+        args += ["--adapter", Path(options.adapter).name]
     return shlex.join(args)
 
 

@@ -2,6 +2,7 @@
 (reciprocal rank fusion of ITC and FTS5 caption matches) and the search filters, on the tiny retrieval checkpoint
 and on synthetic embeddings."""
 
+import json
 import os
 import sqlite3
 import time
@@ -214,3 +215,23 @@ def test_fts_query():
     assert fts_query("Rex's ball!") == '"rex" OR "s" OR "ball"*'
     assert fts_query("  ,. ") is None
     assert fts_query('x" OR 1') == '"x" OR "1"'  # quotes and operators are words, never syntax
+
+
+def test_index_takes_a_caption_runs_output(photos, tmp_path, capsys):
+    lib, paths = photos
+    db = tmp_path / "lib.sqlite"
+    runs = tmp_path / "captions.jsonl"
+    runs.write_text(json.dumps({"path": paths["p0"], "caption": "a kayak on Lake Bled"}) + "\n"
+                    + json.dumps({"path": paths["p1"], "error": "cannot read"}) + "\n")
+    csv_run = tmp_path / "later.csv"
+    csv_run.write_text(f"path,caption\n{paths['p0']},a kayak on Lake Bled at dawn\n")
+    argv = ["index", str(lib), "-r", "--db", str(db), "--model", str(TINY), "--captions", str(runs),
+            "--captions", str(csv_run)]
+    assert main(argv) == 0
+    assert "1 captions taken from" in capsys.readouterr().out
+    with PhotoIndex(db, create=False) as index:
+        assert [r.path for r in search(index, "Bled", k=3, mode="text")] == [paths["p0"]]
+        assert caption_row(index, image_ids(index, [paths["p0"]])[paths["p0"]])[:2] == ("a kayak on Lake Bled at dawn",
+                                                                                         "run")
+    assert main(argv[:-2] + ["--captions", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no caption file" in capsys.readouterr().err

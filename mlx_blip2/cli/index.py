@@ -7,6 +7,7 @@ embeddings).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def add_parser(sub):
                    "DB.vectors)")
     p.add_argument("--recursive", "-r", action="store_true", help="include subfolders")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call and per transaction (default: 8)")
+    p.add_argument("--captions", action="append", default=[], metavar="FILE",
+                   help="a caption run's output (.jsonl or .csv) whose captions go into the index, for 'search' "
+                        "to match (repeatable; photo.txt and XMP sidecars are read by every run anyway)")
     add_model_args(p, default_hint="the index's model, or Salesforce/blip2-itm-vit-g for a new index; a retrieval "
                    "checkpoint")
     return p
@@ -45,6 +49,9 @@ def run(args) -> int:
 
     job = index_job(args)
     job.check()
+    for captions in args.captions:
+        if not os.path.isfile(captions):
+            raise FileNotFoundError(f"no caption file '{display_path(captions)}'")
     if job.model is not None:
         check_retrieval_checkpoint(job.model, "index")  # from config.json, before the database or any weight
     try:
@@ -62,4 +69,8 @@ def run(args) -> int:
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
     print(f"{display_path(str(Path(job.db)))}: {report.summary()}; {report.searchable} images searchable")
+    if args.captions:
+        from ..photo_index.captions import import_caption_files
+
+        print(f"{import_caption_files(job.db, args.captions)} captions taken from {', '.join(args.captions)}")
     return 1 if report.failed or report.still_failed or report.errors else 0

@@ -222,6 +222,16 @@ def import_captions(db: PhotoIndex, captions: Mapping[str, str], source: str = "
     return _in_batches(db, sorted(ids.items()), step)
 
 
+def import_caption_files(db_path, files: Iterable[str]) -> int:
+    """``index --captions FILE...``: the captions of caption runs' outputs (jsonl or csv; later files win) into an
+    index. Returns how many captions changed."""
+    merged: dict[str, str] = {}
+    for f in files:
+        merged.update(read_caption_records(os.fspath(f)))
+    with PhotoIndex(db_path, create=False) as db:
+        return import_captions(db, merged)
+
+
 # --- full-text search --------------------------------------------------------------------------------------------
 
 
