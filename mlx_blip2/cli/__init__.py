@@ -19,6 +19,7 @@ COMMANDS = {
     "duplicates": "list groups of near-duplicate photos in an index",
     "serve": "serve captioning, VQA and retrieval over HTTP (needs the server extra)",
     "finetune": "fine-tune a captioning model on your captions (LoRA, Q-Former, ViT)",
+    "eval": "score a checkpoint on COCO, NoCaps, Flickr30k, VQAv2, OK-VQA, GQA or retrieval",
     "doctor": "report the MLX device and which BLAS the CPU backend uses",
 }
 

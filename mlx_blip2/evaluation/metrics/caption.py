@@ -7,7 +7,9 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 
 from .bleu import bleu
 from .cider import cider_d
@@ -28,7 +30,8 @@ def _java_metric(name: str, gts: dict, res: dict) -> tuple[float | None, str | N
     except ImportError:
         return None, "skipped: pycocoevalcap is not installed (pip install pycocoevalcap)"
     try:
-        score, _ = scorer_class().compute_score(gts, res)
+        with contextlib.redirect_stdout(sys.stderr):  # SPICE prints its model download; keep stdout for results
+            score, _ = scorer_class().compute_score(gts, res)
     except Exception as e:  # SPICE fetches Stanford CoreNLP models on first use; offline that fails
         return None, f"skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}"
     return float(score), None
