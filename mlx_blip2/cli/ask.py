@@ -26,11 +26,10 @@ def run(args) -> int:
         print(pipe.ask(args.image, args.question, **kwargs))
         return 0
     from ..pipelines.engine import Row
-    from ..generation.options import PUBLIC_OPTIONS, option_flag
+    from ..generation.options import OPTION_FLAGS
     from ..generation.recipes import resolve_recipe
 
-    options = resolve_recipe(pipe.vqa_defaults, kwargs, stream=True,
-                             names={name: option_flag(name) for name in PUBLIC_OPTIONS})
+    options = resolve_recipe(pipe.vqa_defaults, kwargs, stream=True, names=OPTION_FLAGS)
     response = None
     for response in pipe.engine.stream(Row(image=args.image, prompt=pipe.vqa_template.format(args.question)),
                                        options):

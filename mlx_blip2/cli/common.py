@@ -7,7 +7,8 @@ import argparse
 import re
 import sys
 
-from ..generation.options import OPTION_FIELDS, PUBLIC_OPTIONS, GenerationOptions, check_value, option_kind
+from ..generation.options import (OPTION_FIELDS, PUBLIC_OPTIONS, GenerationOptions, check_value, option_flag,
+                                  option_kind)
 
 # Flags that would only confuse a command line: several sequences per image, and beam search's stopping rule.
 CLI_EXCLUDED = ("num_return_sequences", "early_stopping")
@@ -43,7 +44,7 @@ def _bool(text: str) -> bool:
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return option_flag(name)
 
 
 def option_type(name: str):

@@ -79,6 +79,10 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Each public option's flag, for messages to command-line users (see ``recipes.resolve_recipe(names=)``).
+OPTION_FLAGS = {name: option_flag(name) for name in PUBLIC_OPTIONS}
+
+
 def option_kind(name: str) -> type:
     """The scalar type of a public option (int, float or bool); ``early_stopping`` is bool or "never"."""
     annotation = str(OPTION_FIELDS[name].type)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..files import ImageFile, display_path, find_images, utf8_text
 from ..pipelines.engine import Row
-from ..generation.options import PUBLIC_OPTIONS, GenerationOptions, option_flag
+from ..generation.options import OPTION_FLAGS, GenerationOptions
 from ..generation.recipes import CAPTION_DEFAULTS, resolve_recipe
 from .manifest import read_manifest
 from .parts import merge_leftovers
@@ -38,8 +38,7 @@ def caption_options(options: dict | None = None, recipe: dict | None = None) -> 
     """The generation options of a caption, exactly as ``Blip2Pipeline.caption`` resolves them (LAVIS's recipe
     overridden by ``options``). A bad value is a UsageError naming its flag, raised before anything is loaded."""
     try:
-        return resolve_recipe(CAPTION_DEFAULTS if recipe is None else recipe, options,
-                              names={name: option_flag(name) for name in PUBLIC_OPTIONS})
+        return resolve_recipe(CAPTION_DEFAULTS if recipe is None else recipe, options, names=OPTION_FLAGS)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -1,5 +1,6 @@
 """Image-text retrieval with the BLIP-2 Q-Former (transformers' ``Blip2ForImageTextRetrieval``,
-``Blip2TextModelWithProjection`` and ``Blip2VisionModelWithProjection``), and a pipeline on top of them.
+``Blip2TextModelWithProjection`` and ``Blip2VisionModelWithProjection``); the pipeline on top of them is
+:mod:`mlx_blip2.pipelines.retrieval`.
 
 Two scores, as in the BLIP-2 paper and LAVIS:
 

@@ -1,4 +1,5 @@
-"""Pipelines: a checkpoint's model and processor with the task recipes (captioning and VQA, or retrieval)."""
+"""Pipelines: a checkpoint's model and processor with the task recipes (captioning and VQA, or retrieval), and the
+batched engine (engine) that opens images, tokenizes and detokenizes for every generation entry point."""
 
 from __future__ import annotations
 
