@@ -2,8 +2,7 @@
 then captions them the same way through load(adapter_path=...), `mlx-blip2 caption --adapter` and a checkpoint
 fused by `mlx-blip2-convert --adapter`."""
 
-import subprocess
-import sys
+import json
 
 import numpy as np
 import pytest
@@ -58,22 +57,44 @@ def test_captions_through_load_adapter_path(trained):
 
 
 def test_captions_through_the_command_line_adapter(trained, tmp_path):
+    from mlx_blip2.cli import main
+
     data, adapter, _, _ = trained
     out = tmp_path / "captions.jsonl"
-    subprocess.run([sys.executable, "-m", "mlx_blip2", "caption", *images(data), "-m", str(FIXTURES / "tiny-blip2-opt"),
-                    "--adapter", str(adapter), "--num-beams", "1", "--max-new-tokens", "12", "--output", str(out),
-                    "-q"], check=True, capture_output=True)
-    import json
-
+    assert main(["caption", *images(data), "-m", str(FIXTURES / "tiny-blip2-opt"), "--adapter", str(adapter),
+                 "--num-beams", "1", "--max-new-tokens", "12", "--output", str(out), "-q"]) == 0
     got = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line)["caption"]
            for line in out.read_text().splitlines()}
     assert got == {f"{name}.png": caption for name, caption in CAPTIONS.items()}
 
 
+def convert(*args) -> int:
+    from mlx_blip2.convert.convert import main
+
+    return main([str(a) for a in args])
+
+
 def test_captions_through_a_fused_checkpoint(trained, tmp_path):
     data, adapter, _, _ = trained
     fused = tmp_path / "fused"
-    subprocess.run([sys.executable, "-m", "mlx_blip2.convert", "--hf-path", str(FIXTURES / "tiny-blip2-opt"),
-                    "--mlx-path", str(fused), "--adapter", str(adapter)], check=True, capture_output=True)
-    assert not (fused / "adapter_config.json").exists()
+    assert convert("--hf-path", FIXTURES / "tiny-blip2-opt", "--mlx-path", fused, "--adapter", adapter,
+                   "--dtype", "float32") == 0
+    assert not (fused / "adapter_config.json").exists() and "--adapter adapter" in (fused / "README.md").read_text()
     assert load(fused).caption(images(data), **GREEDY) == list(CAPTIONS.values())
+
+
+def test_fused_and_quantized_checkpoint(trained, tmp_path):
+    data, adapter, _, _ = trained
+    assert convert("--hf-path", FIXTURES / "tiny-blip2-opt", "--mlx-path", tmp_path / "q8", "--adapter", adapter,
+                   "-q", "--q-bits", "8", "--q-group-size", "32", "--dtype", "float32") == 0
+    model = load(tmp_path / "q8").model
+    assert "scales" in model.language_model.model.decoder.layers[0].self_attn.q_proj
+    assert load(tmp_path / "q8").caption(images(data), **GREEDY) == list(CAPTIONS.values())
+
+
+def test_fusing_an_adapter_from_another_base_is_one_error_line(trained, tmp_path, capsys):
+    _, adapter, _, _ = trained
+    assert convert("--hf-path", FIXTURES / "tiny-blip2-flan-t5", "--mlx-path", tmp_path / "x", "--adapter",
+                   adapter) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "adapter trained on" in err and not (tmp_path / "x").exists()

@@ -168,3 +168,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     mx.eval(model.parameters())
     model.adapter_dir = adapter_dir
     return model
+
+
+def fuse_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The model with the adapter's trained modules loaded and its LoRA layers folded into their base layers (a
+    quantized base layer is requantized): a plain checkpoint's model again."""
+    load_adapter(model, adapter_dir)
+    fuse_lora(model)
+    del model.adapter_dir
+    return model
