@@ -32,7 +32,7 @@ class ImageFile:
 @dataclass
 class FoundFiles:
     files: list[ImageFile] = field(default_factory=list)
-    ignored: int = 0  # files without an image extension
+    ignored: int = 0  # files without an image extension (caption sidecars not counted: they belong to an image)
     roots: list[str] = field(default_factory=list)  # absolute folder arguments
     named: set[str] = field(default_factory=set)  # absolute file arguments
     recursive: bool = False
@@ -107,8 +107,21 @@ def _pairs(names: list[str]) -> tuple[dict[str, str], set[str]]:
     return pairs, set(pairs.values())
 
 
-def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> FoundFiles:
-    """The images among ``inputs`` (files and folders). A missing input raises FileNotFoundError."""
+SIDECAR_EXTENSIONS = (".txt", ".xmp")  # captions beside an image: photo.txt, photo.xmp, photo.jpg.xmp
+
+
+def _sidecars(names: list[str]) -> set[str]:
+    """The caption sidecars among one folder's file names: a .txt or .xmp named after an image there."""
+    stems = {os.path.splitext(n)[0].lower() for n in names if is_image_path(n)}
+    images = {n.lower() for n in names if is_image_path(n)}
+    return {n for n in names if os.path.splitext(n)[1].lower() in SIDECAR_EXTENSIONS
+            and (os.path.splitext(n)[0].lower() in stems or os.path.splitext(n)[0].lower() in images)}
+
+
+def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False, missing: str = "raise") -> FoundFiles:
+    """The images among ``inputs`` (files and folders). A missing input raises FileNotFoundError; with
+    ``missing="keep"`` it is listed as a file (reading it then fails: a batch job reports it and goes on) unless
+    every input is missing (nothing to do but a mistake to report)."""
     found = FoundFiles(recursive=recursive)
     index: dict[str, ImageFile] = {}
 
@@ -123,12 +136,13 @@ def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) ->
             found.roots.append(os.path.abspath(arg))
             for root, names in _walk(arg, recursive):
                 pairs, paired_raws = _pairs(names)
+                sidecars = _sidecars(names)
                 for name in names:
                     path = os.path.join(root, name)
                     if is_hidden(name) or name in paired_raws or not os.path.isfile(path):
                         continue
                     if not is_image_path(name):
-                        found.ignored += 1
+                        found.ignored += name not in sidecars
                         continue
                     raw = os.path.join(root, pairs[name]) if name in pairs else None
                     add(path, Path(os.path.relpath(path, arg)).as_posix(), raw)
@@ -138,7 +152,12 @@ def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) ->
                 add(arg, os.path.basename(arg))
             else:
                 found.ignored += 1
+        elif missing == "keep":
+            add(arg, os.path.basename(arg))
         else:
             raise FileNotFoundError(f"no such file or folder: '{display_path(arg)}'")
     found.files = list(index.values())
+    if missing == "keep" and found.files and not (found.roots or found.named):
+        first = found.files[0].display
+        raise FileNotFoundError(f"no such file or folder: '{display_path(first)}'")
     return found

@@ -35,3 +35,39 @@ def test_a_translation_only_xmp_sidecar_is_not_a_caption(tmp_path, capsys):
     # Now it has one: the next run skips it.
     assert main(["caption", str(image), "--format", "xmp", *FAST]) == 0
     assert sidecar.read_bytes() == data
+
+
+def test_a_missing_file_among_good_ones_fails_alone(tmp_path, capsys):
+    good = photo(tmp_path / "good.png")
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", str(good), str(tmp_path / "missing.jpg"), "-o", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "captioned 1" in err and "failed 1" in err
+    assert f"cannot read '{tmp_path / 'missing.jpg'}': no such file" in err
+    import json
+
+    records = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert records[str(good)]["caption"] and "no such file" in records[str(tmp_path / "missing.jpg")]["error"]
+    # Printing instead of writing: the same.
+    assert main(["caption", str(good), str(tmp_path / "missing.jpg"), *FAST]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_the_tools_own_sidecars_are_not_ignored_files(tmp_path):
+    from mlx_blip2.files import find_images
+
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    for name in ("a.jpg", "b.png", "c.heic"):
+        photo(lib / name) if not name.endswith(".heic") else (lib / name).write_bytes(b"x")
+    for name in ("a.txt", "a.jpg.xmp", "b.xmp", "c.txt", "notes.txt", "orphan.xmp", "readme.md"):
+        (lib / name).write_text("x")
+    found = find_images([lib])
+    assert len(found.files) == 3 and found.ignored == 3  # notes.txt, orphan.xmp, readme.md
+    # What `mlx-blip2 index` reports after a captioning run left its sidecars.
+    from mlx_blip2.photo_index import PhotoIndex, index_paths
+
+    (lib / "c.heic").unlink()
+    with PhotoIndex(tmp_path / "lib.sqlite") as db:
+        report = index_paths(db, [lib], model=str(TINY_ITM), progress=False)
+    assert report.ignored == 4 and "4 non-image files ignored" in report.summary()  # c.txt lost its image

@@ -66,7 +66,8 @@ def _plan(files: Sequence[ImageFile], writer: Writer, existing: str, pool, summa
     def status(image):
         size, mtime = file_stat(image.path)
         if size is None:
-            return size, mtime, FAIL, f"cannot read '{display_path(image.display)}': file disappeared or is unreadable"
+            why = "no such file" if not os.path.lexists(image.path) else "file unreadable"
+            return size, mtime, FAIL, f"cannot read '{display_path(image.display)}': {why}"
         return (size, mtime, *writer.status(image, size, mtime, existing))
 
     todo = []
@@ -215,7 +216,7 @@ def find_files(inputs: Sequence[str | os.PathLike], recursive: bool = False, man
         if inputs:
             raise UsageError("give image files and folders, or --manifest, not both")
         return read_manifest(manifest)
-    return find_images(inputs, recursive).files
+    return find_images(inputs, recursive, missing="keep").files  # a missing one fails alone, as a bad file does
 
 
 def caption_found(pipe, job, files: list[ImageFile], mine: list[ImageFile], stdout=None) -> tuple[Summary, list[str]]:
