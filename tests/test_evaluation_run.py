@@ -71,20 +71,25 @@ def test_killed_run_resumes_without_redoing_finished_items(tmp_path):
     generate = pipe.engine.generate
     pipe.engine.generate = lambda rows, options, *a: calls.append(len(rows)) or generate(rows, options, *a)
     inputs = EvalInputs(str(tmp_path / "images"), str(ann))
-    data = lambda: read_task("coco_caption", inputs)  # noqa: E731
+    task_data = lambda: read_task("coco_caption", inputs)  # noqa: E731
     run = dict(checkpoint=str(OPT), overrides={"max_new_tokens": 4, "num_beams": 1}, batch_size=2, progress=False,
                java_metrics=False)
     out = str(tmp_path / "out")
-    evaluate(pipe, "coco_caption", data(), out, limit=3, **run)
+    evaluate(pipe, "coco_caption", task_data(), out, limit=3, **run)
     assert calls == [2, 1]
     first = Path(records_path(out)).read_bytes()
     Path(records_path(out)).write_bytes(first + b'{"key": "4", "outp')  # killed mid-write
-    metrics = evaluate(pipe, "coco_caption", data(), out, **run)
+    metrics = evaluate(pipe, "coco_caption", task_data(), out, **run)
     assert calls == [2, 1, 2]  # only items 4 and 5
     data = Path(records_path(out)).read_bytes()
     assert data.startswith(first) and data.endswith(b"\n")
     assert [json.loads(line)["key"] for line in data.splitlines()] == ["1", "2", "3", "4", "5"]
     assert metrics["predicted"] == 5 and metrics["scores"]["scored"] == 5
+    from mlx_blip2.library.launch import open_lock_file
+
+    with open_lock_file(records_path(out), RuntimeError("held")):  # another run is writing there
+        with pytest.raises(ValueError, match="another eval run is writing to"):
+            evaluate(pipe, "coco_caption", task_data(), out, **run)
 
 
 def test_eval_score_reproduces_the_official_fixture_scores(tmp_path, capsys):

@@ -14,6 +14,7 @@ from .report import write_outputs
 from .retrieval import run_retrieval
 from .runner import run_generation
 from .scoring import score_task, submission
+from .store import records_path
 from .tasks.captions import read_captions
 from .tasks.data import TaskData, limited
 from .tasks.questions import read_gqa, read_vqa
@@ -96,15 +97,30 @@ def evaluate(pipe, task: str, data: TaskData, out_dir: str, *, checkpoint: str, 
              k_test: int | None = None, batch_size: int = 8, progress: bool | None = None,
              java_metrics: bool = True) -> dict | None:
     """Run ``task`` on ``data`` (:func:`read_task`) and write the outputs to ``out_dir``; returns metrics.json's
-    content (None on launched ranks
-    other than 0, which leave the scoring to rank 0). ``overrides``: generation options over the recipe's;
-    ``k_test``: retrieval candidates per query (LAVIS's 128); ``java_metrics``: try METEOR and SPICE."""
+    content (None on launched ranks other than 0, which leave the scoring to rank 0). ``overrides``: generation
+    options over the recipe's; ``k_test``: retrieval candidates per query (LAVIS's 128); ``java_metrics``: try
+    METEOR and SPICE. A second run on the same ``out_dir`` while this one goes is refused."""
     recipe = recipe_for(task)
     data.items = limited(data.items, limit)
     if not data.items:
         raise ValueError(f"{task}: the annotations hold no items")
     os.makedirs(out_dir, exist_ok=True)
     group = launch.current_group()
+    lock = None
+    if group is None or group.rank == 0:  # a second run on the same folder would interleave its records
+        lock = launch.open_lock_file(records_path(out_dir), ValueError(f"another eval run is writing to {out_dir}"))
+    try:
+        return _run(pipe, task, data, out_dir, group, checkpoint=checkpoint, adapter=adapter, overrides=overrides,
+                    image_size=image_size, k_test=k_test, batch_size=batch_size, progress=progress,
+                    java_metrics=java_metrics)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(pipe, task: str, data: TaskData, out_dir: str, group, *, checkpoint, adapter, overrides, image_size, k_test,
+         batch_size, progress, java_metrics) -> dict | None:
+    recipe = recipe_for(task)
     size, interpolate = _image_size(pipe, image_size, recipe["kind"])
     info = run_info(pipe, checkpoint, adapter, size)
     if recipe["kind"] == "retrieval":
