@@ -71,3 +71,17 @@ def test_the_tools_own_sidecars_are_not_ignored_files(tmp_path):
     with PhotoIndex(tmp_path / "lib.sqlite") as db:
         report = index_paths(db, [lib], model=str(TINY_ITM), progress=False)
     assert report.ignored == 4 and "4 non-image files ignored" in report.summary()  # c.txt lost its image
+
+
+def test_a_relative_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    import csv
+    import json
+
+    image = photo(tmp_path / "a.png")
+    monkeypatch.chdir(TINY.parent.parent)
+    relative = ["--model", f"fixtures/{TINY.name}", "--max-new-tokens", "3", "--num-beams", "1", "-q"]
+    assert main(["caption", str(image), "-o", str(tmp_path / "c.jsonl"), *relative]) == 0
+    assert main(["caption", str(image), "-o", str(tmp_path / "c.csv"), *relative]) == 0
+    record = json.loads((tmp_path / "c.jsonl").read_text().splitlines()[0])
+    row = next(csv.DictReader(open(tmp_path / "c.csv", newline="")))
+    assert record["model"] == row["model"] == str(TINY.resolve())

@@ -105,6 +105,7 @@ def _report(args, summary, notes, err) -> None:
 
 def caption_job(args) -> CaptionJob:
     """The job the command line describes."""
+    from ..photo_index import model_id
     from ..pipelines import DEFAULT_MODEL
 
     if not args.images and args.manifest is None:
@@ -112,8 +113,8 @@ def caption_job(args) -> CaptionJob:
     return CaptionJob(
         inputs=args.images, manifest=args.manifest, recursive=args.recursive, output=args.output, format=args.format,
         xmp_name=args.xmp_name, existing=args.existing, shard=args.shard, shard_size=args.shard_size,
-        model_name=args.model or DEFAULT_MODEL, prompt=args.prompt, batch_size=args.batch_size, workers=args.workers,
-        generate_kwargs=generation_kwargs(args), progress=False if args.quiet else None)
+        model_name=model_id(args.model or DEFAULT_MODEL), prompt=args.prompt, batch_size=args.batch_size,
+        workers=args.workers, generate_kwargs=generation_kwargs(args), progress=False if args.quiet else None)
 
 
 def run(args) -> int:
