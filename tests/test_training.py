@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES
+from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_blip2 import load
@@ -137,3 +138,39 @@ def test_adapter_for_another_base_is_a_clear_error(tmp_path):
         load(FIXTURES / "tiny-blip2-opt", adapter_path=tmp_path / "opt")
     with pytest.raises(AdapterError, match="not an adapter directory"):
         load(FIXTURES / "tiny-blip2-opt", adapter_path=tmp_path / "data")
+
+
+def mixed_sources(root):
+    """The same four images as a JSONL of captions and questions, a CSV and COCO annotations."""
+    data = captioned_folder(root / "photos")
+    rows = [{"image": f"photos/{n}.png", "caption": f"a {n} square"} for n in COLORS]
+    rows += [{"image": f"photos/{n}.png", "question": "what color is it?", "answer": n} for n in COLORS]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "rows.csv").write_text("image,caption\n" + "".join(f"photos/{n}.png,a {n} thing\n" for n in COLORS))
+    coco = {"images": [{"id": i, "file_name": f"photos/{n}.png"} for i, n in enumerate(COLORS)],
+            "annotations": [{"image_id": i, "caption": f"the {n} one"} for i, n in enumerate(COLORS)]}
+    (root / "coco.json").write_text(json.dumps(coco))
+    return data
+
+
+@pytest.mark.parametrize("name,train", [
+    ("tiny-blip2-opt", "vit"), ("tiny-blip2-opt-legacy", "qformer,lora"), ("tiny-blip2-flan-t5", "qformer,vit,lora"),
+    ("tiny-instructblip-vicuna", "qformer,lora"), ("tiny-instructblip-flan-t5", "lora"),
+])
+def test_every_checkpoint_and_data_source_trains_end_to_end(tmp_path, name, train):
+    from mlx_blip2.cli import main
+
+    data = mixed_sources(tmp_path)
+    args = ["finetune", str(data), str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.csv"), "-o",
+            str(tmp_path / "out"), "-m", str(FIXTURES / name), "--train", train, "--steps", "3", "--batch-size", "3",
+            "--lr", "1e-3", "--val", str(tmp_path / "coco.json"), "--image-root", str(tmp_path), "--eval-every", "2",
+            "--lora-rank", "4", "-q"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["val_loss"]) for r in records if "val_loss" in r) and any("val_loss" in r for r in records)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["trained"] == train.split(",")
+    base = dict(tree_flatten(load(FIXTURES / name).model.parameters()))
+    tuned = dict(tree_flatten(load(FIXTURES / name, adapter_path=tmp_path / "out").model.parameters()))
+    assert any(k not in base or not np.array_equal(np.array(v), np.array(base[k])) for k, v in tuned.items())
