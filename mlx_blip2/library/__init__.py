@@ -19,67 +19,60 @@ The data flow, one module per step:
   and the part files' names.
 """
 
-from .atomic import atomic_write
-from .job import ALL_FORMATS, CaptionJob, caption, caption_paths
-from .manifest import read_manifest
-from .parts import leftover_parts, merge_parts, part_path
-from .progress import Progress, Summary, format_duration
-from .records import CSV_COLUMNS, RecordWriter, record_path
-from .run import (
-    DEFAULT_BATCH_SIZE,
-    FORMATS,
-    BatchCaptioner,
-    caption_files,
-    caption_options,
-)
-from .shards import parse_shard, select_shard, shard_index
-from .sidecars import (
-    XMP_NAMES,
-    SidecarWriter,
-    sidecar_conflicts,
-    txt_sidecar,
-    xmp_sidecar,
-)
-from .writer import FAIL, SKIP, TODO, PlainWriter, UsageError, Writer
-from .xmp import XmpError, update_xmp, xml_text, xmp_description
+import importlib
 
-__all__ = [
-    "ALL_FORMATS",
-    "CSV_COLUMNS",
-    "DEFAULT_BATCH_SIZE",
-    "FAIL",
-    "FORMATS",
-    "SKIP",
-    "TODO",
-    "XMP_NAMES",
-    "BatchCaptioner",
-    "CaptionJob",
-    "PlainWriter",
-    "Progress",
-    "RecordWriter",
-    "SidecarWriter",
-    "Summary",
-    "UsageError",
-    "Writer",
-    "XmpError",
-    "atomic_write",
-    "caption",
-    "caption_files",
-    "caption_options",
-    "caption_paths",
-    "format_duration",
-    "leftover_parts",
-    "merge_parts",
-    "parse_shard",
-    "part_path",
-    "read_manifest",
-    "record_path",
-    "select_shard",
-    "shard_index",
-    "sidecar_conflicts",
-    "txt_sidecar",
-    "update_xmp",
-    "xml_text",
-    "xmp_description",
-    "xmp_sidecar",
-]
+# The public names, imported on first use: the photo index reads records and sidecars through this package
+# without loading the captioning run (the engine, mlx-lm, transformers).
+_EXPORTS = {
+    "atomic_write": "atomic",
+    "ALL_FORMATS": "job",
+    "CaptionJob": "job",
+    "caption": "job",
+    "caption_paths": "job",
+    "read_manifest": "manifest",
+    "leftover_parts": "parts",
+    "merge_parts": "parts",
+    "part_path": "parts",
+    "Progress": "progress",
+    "Summary": "progress",
+    "format_duration": "progress",
+    "CSV_COLUMNS": "records",
+    "RecordWriter": "records",
+    "record_path": "records",
+    "BatchCaptioner": "run",
+    "DEFAULT_BATCH_SIZE": "run",
+    "FORMATS": "run",
+    "caption_files": "run",
+    "caption_options": "run",
+    "parse_shard": "shards",
+    "select_shard": "shards",
+    "shard_index": "shards",
+    "SidecarWriter": "sidecars",
+    "XMP_NAMES": "sidecars",
+    "sidecar_conflicts": "sidecars",
+    "txt_sidecar": "sidecars",
+    "xmp_sidecar": "sidecars",
+    "FAIL": "writer",
+    "PlainWriter": "writer",
+    "SKIP": "writer",
+    "TODO": "writer",
+    "UsageError": "writer",
+    "Writer": "writer",
+    "XmpError": "xmp",
+    "update_xmp": "xmp",
+    "xml_text": "xmp",
+    "xmp_description": "xmp",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
