@@ -242,3 +242,37 @@ def test_index_under_launch_holds_every_image(tmp_path):
             np.testing.assert_allclose(a.embedding(str(p)), b.embedding(str(p)), atol=2e-3)
     assert not [n for n in os.listdir(tmp_path) if ".part-" in n]
     assert main(["search", "a photo", "--db", str(db), "--model", str(itm), "-k", "20", "--json"]) == 0
+
+
+def test_launch_lock_and_part_files(tmp_path):
+    from mlx_blip2.library.launch import leftover_parts as parts_of, open_lock_file
+    from mlx_blip2.library.launch import part_path as part_of
+    from mlx_blip2.photo_index.distributed import leftover_indexes, part_index
+
+    db = tmp_path / "idx.sqlite"
+    first = open_lock_file(db, RuntimeError("busy"))
+    with pytest.raises(RuntimeError, match="busy"):  # a second run on the same output
+        open_lock_file(db, RuntimeError("busy"))
+    first.close()
+    open_lock_file(db, RuntimeError("busy")).close()  # free again once the first run ends
+    for rank in (10, 2):
+        Path(part_of(db, rank, ".sqlite")).touch()
+        Path(part_path(tmp_path / "c.jsonl", rank)).touch()
+    assert leftover_indexes(str(db)) == [part_index(str(db), 2), part_index(str(db), 10)]  # by rank, not by name
+    assert leftover_parts(tmp_path / "c.jsonl") == parts_of(tmp_path / "c.jsonl", ".jsonl")
+    assert [Path(p).name for p in leftover_parts(tmp_path / "c.jsonl")] == [".c.jsonl.part-2.jsonl",
+                                                                            ".c.jsonl.part-10.jsonl"]
+
+
+def test_caption_job_is_checked_before_anything_is_read(tmp_path):
+    from mlx_blip2.library import CaptionJob, UsageError, caption
+
+    job = CaptionJob([tmp_path / "nothing-here"], output=tmp_path / "c.csv", generate_kwargs={"num_beams": 1})
+    assert job.output_format() == "csv" and job.inputs == (tmp_path / "nothing-here",)
+    with pytest.raises(TypeError):
+        job.generate_kwargs["num_beams"] = 2  # a job is built once and only read below the command line
+    for bad, message in ((dict(format="xmp", output=tmp_path / "c.jsonl"), "--output is for jsonl and csv"),
+                         (dict(format="parquet"), "give it with -o"), (dict(batch_size=0), "--batch-size"),
+                         (dict(xmp_name="x.xmp"), "--xmp-name")):
+        with pytest.raises(UsageError, match=message):
+            caption(no_model, CaptionJob([tmp_path / "nothing-here"], **bad), group=None)
