@@ -12,6 +12,8 @@ optional ITM rerank.
 - :mod:`.indexer`: files (``files.find_images``) -> background decode (``Blip2RetrievalPipeline.preprocess``) ->
   ``Blip2RetrievalPipeline.embed_images`` -> store; unchanged files skipped, moved ones followed by content hash,
   changed ones re-embedded, deleted ones dropped, unreadable ones recorded.
+- :mod:`.job`: the whole of ``mlx-blip2 index``: an :class:`~.job.IndexJob` run in one process, or under
+  ``mlx.launch`` by :mod:`.distributed` (each rank embeds its share into a part index that rank 0 merges).
 - :mod:`.search`: ITC (max over the query tokens) over the whole matrix in chunks, top k, ITM rerank.
 - :mod:`.duplicates`: groups of near-duplicate images by embedding similarity.
 """
