@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .common import add_generation_args, add_model_args, generation_kwargs
+from .common import add_adapter_arg, add_generation_args, add_model_args, generation_kwargs, load_pipeline
 
 HELP = "score a checkpoint on COCO, NoCaps, Flickr30k, VQAv2, OK-VQA, GQA or retrieval"
 SCORE_KINDS = ("caption", "vqa", "gqa")
@@ -32,11 +32,11 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=8, help="rows per engine call (default 8)")
     p.add_argument("--image-size", type=int, help="evaluate at this resolution (default: the checkpoint's)")
     p.add_argument("--k-test", type=int, help="retrieval: ITC candidates re-scored by ITM (default: LAVIS's 128)")
-    p.add_argument("--adapter", help="a fine-tuned adapter directory applied to the captioning model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-java-metrics", action="store_true",
                    help="leave out METEOR and SPICE (run through pycocoevalcap and Java when both are installed)")
     add_model_args(p)
+    add_adapter_arg(p)
     add_generation_args(p)
     return p
 
@@ -73,23 +73,12 @@ def _score(args) -> int:
     return 0
 
 
-def _load(args, kind: str):
-    import mlx.core as mx
-
-    from ..models.loading import resolve_checkpoint
-    from ..models.registry import require_kind
-    from ..pipelines import DEFAULT_MODEL, load
-
-    model = args.model or DEFAULT_MODEL
-    require_kind(resolve_checkpoint(model), kind, f"eval {args.task}")
-    return model, load(model, dtype=getattr(mx, args.dtype) if args.dtype else None, adapter_path=args.adapter)
-
-
 def run(args) -> int:
     if args.task == "score":
         return _score(args)
     from ..evaluation.evaluate import EvalInputs, evaluate, read_task
     from ..evaluation.recipes import recipe_for
+    from ..pipelines import DEFAULT_MODEL
 
     if args.files or args.score_task:
         raise ValueError("--task and files belong to `eval score`; a run names its task first: eval TASK ...")
@@ -98,11 +87,11 @@ def run(args) -> int:
     overrides = generation_kwargs(args)
     kind = "retrieval" if recipe_for(args.task)["kind"] == "retrieval" else "captioning"
     data = read_task(args.task, EvalInputs(args.images, args.annotations, args.questions))  # bad files: before loading
-    checkpoint, pipe = _load(args, kind)
+    pipe = load_pipeline(args, kind, f"eval {args.task}")
+    checkpoint = args.model or DEFAULT_MODEL
     out = args.out or f"eval-{args.task}"
-    metrics = evaluate(pipe, args.task, data, out,
-                       checkpoint=checkpoint, adapter=args.adapter, limit=args.limit, overrides=overrides,
-                       image_size=args.image_size, k_test=args.k_test, batch_size=args.batch_size,
+    metrics = evaluate(pipe, args.task, data, out, checkpoint=checkpoint, adapter=args.adapter, limit=args.limit,
+                       overrides=overrides, image_size=args.image_size, k_test=args.k_test, batch_size=args.batch_size,
                        progress=False if args.no_progress else None, java_metrics=not args.no_java_metrics)
     if metrics is None:  # a launched rank other than 0: rank 0 reports
         return 0

@@ -11,7 +11,8 @@ top of its eval configs; only figures checked against those sources are listed.
 
 from __future__ import annotations
 
-from ..generation.recipes import resolve_recipe as resolve
+from ..generation.options import OPTION_FLAGS
+from ..generation.recipes import resolve_recipe
 
 LAVIS_EVAL = "salesforce/LAVIS lavis/projects/blip2/eval/"
 PAPER = "BLIP-2 paper (arXiv:2301.12597)"
@@ -127,5 +128,6 @@ def generation_recipe(task: str, text_model_type: str | None) -> dict:
 
 
 def resolve_options(task: str, text_model_type: str | None, overrides: dict | None = None):
-    """GenerationOptions of ``task`` for the model, with ``overrides`` (the command line's) applied."""
-    return resolve(generation_recipe(task, text_model_type), overrides)
+    """GenerationOptions of ``task`` for the model, with ``overrides`` (the command line's) applied; an error names
+    the option by its flag."""
+    return resolve_recipe(generation_recipe(task, text_model_type), overrides, names=OPTION_FLAGS)
