@@ -5,7 +5,10 @@ caption per image. Rows: ``qformer`` (query tokens, Q-Former, projection), ``lor
 0.05 on the OPT q/v projections, PEFT's BLIP-2 recipe) and ``qlora`` (the same LoRA on a 4-bit language model;
 transformers' QLoRA needs bitsandbytes and a GPU, so its comparison is its float32 LoRA row). Each framework and row
 runs in its own process, one after the other (never two 15 GB models at once), on the same token batch: the first
-MLX child writes it with the training collator, the others read it. Run it under the shared lock:
+MLX child writes it with the training collator, the others read it. The QLoRA row trains on a 4-bit conversion
+(``mlx-blip2-convert -q --dtype float32``: language model, Q-Former and projection in 4 bits, the ViT in float32),
+made once beside the checkpoint, as a user with 16 GB would (quantizing in memory would first load the float
+model). Run it under the shared lock:
 
     flock /tmp/bench.lock python benchmarks/finetune.py --checkpoint /tmp/bench-ckpt
 """
@@ -64,6 +67,16 @@ def timed_steps(step, steps: int) -> list[float]:
 # --- children: one framework and row per process ---------------------------------------------------------------
 
 
+def quantized_checkpoint(checkpoint: Path) -> Path:
+    """The 4-bit conversion, made once (in its own process: the converter loads the float32 model)."""
+    out = checkpoint.with_name(checkpoint.name + "-4bit-f32")
+    if not (out / "config.json").exists():
+        print(f"converting {checkpoint} to 4 bits ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "mlx_blip2.convert", "--hf-path", str(checkpoint), "--mlx-path",
+                        str(out), "-q", "--dtype", "float32"], check=True)
+    return out
+
+
 def child_mlx(checkpoint: Path, row: str, steps: int, work: Path) -> dict:
     import mlx_blip2  # noqa: F401  (loads the optimised BLAS before mlx.core)
     import mlx.core as mx
@@ -79,8 +92,7 @@ def child_mlx(checkpoint: Path, row: str, steps: int, work: Path) -> dict:
     load_s = time.perf_counter() - tic
     examples = [Example(p, c) for p, c in zip(write_images(work), CAPTIONS)]
     options = TrainOptions(train="qformer" if row == "qformer" else "lora", batch_size=len(examples),
-                           steps=steps + 1, lora=LoraOptions(**LORA), quantize_bits=4 if row == "qlora" else None,
-                           progress=False)
+                           steps=steps + 1, lora=LoraOptions(**LORA), progress=False)
     trainer = Trainer(pipe, examples, [], options, work / f"mlx-{row}", log=lambda line: print(line, file=sys.stderr))
     batch_file = work / "batch.npz"
     if not batch_file.exists():
@@ -134,7 +146,8 @@ def child_torch(checkpoint: Path, row: str, steps: int, work: Path) -> dict:
 
 
 def run_child(framework: str, row: str, args, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", framework, row, "--checkpoint", str(args.checkpoint), "--steps",
+    checkpoint = quantized_checkpoint(args.checkpoint) if row == "qlora" else args.checkpoint
+    cmd = [sys.executable, __file__, "--child", framework, row, "--checkpoint", str(checkpoint), "--steps",
            str(args.steps), "--work", str(work)]
     print(f"{framework} {row} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
