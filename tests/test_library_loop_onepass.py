@@ -5,8 +5,12 @@ run, caption words searchable at once."""
 
 import io
 import json
+import os
+import random
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +165,26 @@ def test_the_command_line(photos, tmp_path, itm_shared, capsys):
     assert "captioned 0, skipped 6, failed 1" in err and "0 added, 0 updated, 7 unchanged" in err
     assert main(["caption", str(photos), "--index", str(db), "--index-model", str(OPT), "-o", str(out)]) == 2
     assert "retrieval" in capsys.readouterr().err  # a captioning checkpoint given as the index's model
+
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed")
+def test_one_pass_under_launch(photos, tmp_path, itm_shared, captioner):
+    expected_captions, (expected_embeds, expected_errors) = alone(captioner, photos, tmp_path, itm_shared)
+    db, out = tmp_path / "launched.sqlite", tmp_path / "launched.jsonl"
+    port = str(random.randrange(20000, 60000, 16))
+    cmd = [str(LAUNCH), "-n", "2", "--starting-port", port, "--", sys.executable, "-m", "mlx_blip2", "caption",
+           str(photos), "-r", "-m", str(OPT), "--index", str(db), "--index-model", str(itm_shared), "-o", str(out),
+           "--max-new-tokens", "8", "--batch-size", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert "captioned 6, skipped 0, failed 1 of 7 images" in log and "6 images searchable" in log, log
+    assert log.count("one ViT pass serves both models") == 1  # rank 0 says it
+    assert records(out) == expected_captions
+    embeds, errors = embeddings(db)
+    assert embeds.keys() == expected_embeds.keys() and errors.keys() == expected_errors.keys()
+    for path, e in embeds.items():  # other batches than one process's: equal to float16 rounding
+        np.testing.assert_allclose(e, expected_embeds[path], atol=2e-3)
+    assert not [n for n in os.listdir(tmp_path) if ".part-" in n]

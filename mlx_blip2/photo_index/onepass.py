@@ -176,13 +176,21 @@ def caption_and_index(load_captioning, job, index_job, *, group="auto", stdout=N
     if group == "auto":
         group = current_group()
     rank = 0 if group is None else group.rank
-    with PhotoIndex(index_job.db) as main_db:
-        model = model_id(index_job.model) if index_job.model else (main_db.model or DEFAULT_RETRIEVAL_MODEL)
-        if main_db.model is not None and main_db.model != model:
-            from .store import PhotoIndexError
+    if group is None:
+        model = _index_model(index_job, DEFAULT_RETRIEVAL_MODEL)
+    else:  # rank 0 alone opens the index; the others take its answer, or its error
+        from .store import PhotoIndexError
 
-            raise PhotoIndexError(f"'{main_db.path}' holds embeddings from {main_db.model}, not {model}; index with "
-                                  f"--index-model {main_db.model} or use another --db")
+        answer = None
+        if rank == 0:
+            try:
+                answer = {"model": _index_model(index_job, DEFAULT_RETRIEVAL_MODEL)}
+            except (PhotoIndexError, OSError) as e:
+                answer = {"error": str(e)}
+        answer = group.broadcast_json(answer)
+        if "error" in answer:
+            raise PhotoIndexError(answer["error"])
+        model = answer["model"]
     state: dict = {}
 
     def load():
@@ -210,6 +218,18 @@ def caption_and_index(load_captioning, job, index_job, *, group="auto", stdout=N
         report.updated += sink.updated
         report.unchanged = max(0, report.unchanged - embedded)
     return OnePassResult(summary, notes, report, state.get("share"), embedded)
+
+
+def _index_model(index_job, default: str) -> str:
+    """The retrieval checkpoint the index is (to be) built with; PhotoIndexError when it holds another's."""
+    from .store import PhotoIndexError
+
+    with PhotoIndex(index_job.db) as db:
+        model = model_id(index_job.model) if index_job.model else (db.model or default)
+        if db.model is not None and db.model != model:
+            raise PhotoIndexError(f"'{db.path}' holds embeddings from {db.model}, not {model}; index with "
+                                  f"--index-model {db.model} or use another --db")
+    return model
 
 
 def _index_rest(job, index_job, model: str, retrieval) -> IndexReport:
