@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from mlx_blip2.cli import COMMANDS, build_parser, main
 
@@ -103,3 +104,64 @@ def test_stream_reports_a_real_peak_memory(tmp_path):
     mlx_mb = float(match[1]) * (1000 if match[2] == "GB" else 1)
     rss_mb = float(match[3]) * (1000 if match[4] == "GB" else 1)
     assert mlx_mb > 0 and rss_mb > 50 and rss_mb > mlx_mb, line
+
+
+# --- precision on the CPU ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tmp_path_factory):
+    from conftest import FIXTURES
+
+    from mlx_blip2.convert import convert
+
+    return convert(FIXTURES / "tiny-blip2-opt", tmp_path_factory.mktemp("q4") / "tiny-q4", quantize=True, q_bits=4,
+                   q_group_size=32)
+
+
+def notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mlx_blip2" and r.getMessage().startswith("note:")]
+
+
+def test_a_slow_precision_on_the_cpu_gets_one_line(quantized_tiny, caplog):
+    import mlx.core as mx
+    from conftest import FIXTURES
+
+    from mlx_blip2.models.quant import dequantize_at_load, precision
+    from mlx_blip2.pipelines import load
+
+    pipe = load(quantized_tiny)
+    (note,) = notes(caplog)
+    assert "4-bit" in note and "--dtype float32" in note and "\n" not in note
+    caplog.clear()
+    load(FIXTURES / "tiny-blip2-opt", dtype=mx.float16)
+    (note,) = notes(caplog)
+    assert note.startswith("note: float16 weights on the CPU") and "--dtype float32" in note
+    caplog.clear()
+    load(FIXTURES / "tiny-blip2-opt")
+    assert notes(caplog) == []
+    # --dtype float32: dequantized once at load, the same captions, no note.
+    with dequantize_at_load():
+        floats = load(quantized_tiny, dtype=mx.float32)
+    assert notes(caplog) == [] and precision(floats.model) == (None, mx.float32)
+    assert precision(pipe.model)[0] == 4
+    image = Image.new("RGB", (64, 48), (200, 40, 40))
+    assert floats.caption(image, max_new_tokens=5) == pipe.caption(image, max_new_tokens=5)
+
+
+def test_the_command_line_dequantizes_with_dtype_float32(quantized_tiny, tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(image)
+    base = [sys.executable, "-m", "mlx_blip2", "caption", str(image), "-m", str(quantized_tiny), "--max-new-tokens",
+            "3"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    as_float = subprocess.run(base + ["--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == as_float.returncode == 0, (plain.stderr, as_float.stderr)
+    assert [line for line in plain.stderr.splitlines() if line.startswith("note:")] == [
+        next(line for line in plain.stderr.splitlines() if "4-bit model runs on the CPU" in line)]
+    assert "note:" not in as_float.stderr
+    assert plain.stdout == as_float.stdout  # the same caption
+    doctor = subprocess.run([sys.executable, "-m", "mlx_blip2", "doctor", "-m", str(quantized_tiny)],
+                            capture_output=True, text=True, timeout=120)
+    assert "only float32 runs at BLAS speed" in doctor.stdout
+    assert "stored 4-bit quantized - slow on this CPU; load it with --dtype float32" in doctor.stdout

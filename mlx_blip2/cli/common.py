@@ -117,5 +117,15 @@ def load_pipeline(args, kind: str, command: str, default: str | None = None):
 
     model = args.model or default or DEFAULT_MODEL
     require_kind(resolve_checkpoint(model), kind, command)
-    return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None,
-                adapter_path=getattr(args, "adapter", None))
+    with precision_at_load(args):
+        return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None,
+                    adapter_path=getattr(args, "adapter", None))
+
+
+def precision_at_load(args):
+    """``--dtype float32`` on a quantized checkpoint: dequantized once at load (float speed on the CPU)."""
+    import contextlib
+
+    from ..models.quant import dequantize_at_load
+
+    return dequantize_at_load() if args.dtype == "float32" else contextlib.nullcontext()

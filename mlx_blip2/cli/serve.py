@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..server import INSTALL_HINT, missing_server_packages
-from .common import add_adapter_arg, add_model_args
+from .common import add_adapter_arg, add_model_args, precision_at_load
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -138,7 +138,8 @@ def run_web(args) -> int:
 
         dtype = getattr(mx, args.dtype)
     print(f"loading {name} (text half)...", file=sys.stderr)
-    pipeline = Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype, part="text")
+    with precision_at_load(args):
+        pipeline = Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype, part="text")
     return serve_app(args, pipeline, name, args.db, query=args.query)
 
 
@@ -199,5 +200,6 @@ def run(args) -> int:
     if args.index:
         check_retrieval_checkpoint(name, "serve --index")
     print(f"loading {name}...", file=sys.stderr)
-    pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None, adapter_path=args.adapter)
+    with precision_at_load(args):
+        pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None, adapter_path=args.adapter)
     return serve_app(args, pipeline, name, args.index)

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .quant import quantize_from_config
+from .quant import quantize_from_config, settle_cpu_precision
 from .t5 import FP32_SUFFIXES as T5_FP32_SUFFIXES
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.md"]
@@ -81,7 +81,7 @@ def load_weights(model: nn.Module, directory, weights: dict[str, mx.array], dtyp
     ``drop_unused`` lets a class that needs part of a checkpoint (retrieval's vision or text tower) skip the rest;
     ``mx.load`` is lazy, so skipped weights are never read.
     """
-    config = model.config
+    config, asked = model.config, dtype
     quantize_from_config(model, config.quantization, weights)
     if drop_unused:
         wanted = {k for k, _ in tree_flatten(model.parameters())}
@@ -107,4 +107,4 @@ def load_weights(model: nn.Module, directory, weights: dict[str, mx.array], dtyp
     model.eval()
     model.dtype = dtype
     model.checkpoint_dir = directory
-    return model
+    return settle_cpu_precision(model, asked)  # quantized or half precision on the CPU: dequantized, or a note
