@@ -14,13 +14,21 @@ import numpy as np
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+class FilterError(ValueError):
+    """A filter that cannot be used; ``param`` names it (folder, from, to)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def parse_date(value: str | None, name: str) -> str | None:
-    """'YYYY-MM-DD' (or None for an empty value); ValueError naming the parameter otherwise."""
+    """'YYYY-MM-DD' (or None for an empty value); FilterError naming the parameter otherwise."""
     if value in (None, ""):
         return None
     value = value.strip()
     if not _DATE.fullmatch(value):
-        raise ValueError(f"'{name}' must be a date like 2024-07-31, got {value[:40]!r}")
+        raise FilterError(name, f"'{name}' must be a date like 2024-07-31, got {value[:40]!r}")
     return value
 
 
@@ -33,7 +41,7 @@ class Filters:
 
     def __post_init__(self):
         if self.folder is not None and not os.path.isabs(self.folder):
-            raise ValueError(f"'folder' must be an absolute folder, got {self.folder[:200]!r}")
+            raise FilterError("folder", f"'folder' must be an absolute folder, got {self.folder[:200]!r}")
         parse_date(self.taken_from, "from")
         parse_date(self.taken_to, "to")
 

@@ -36,6 +36,7 @@ from ..images import ImageLoadError, open_image
 from .captions_lookup import CaptionLookup
 from .context import ServerContext
 from .errors import APIError
+from ..photo_index.filters import FilterError
 from ..photo_index.search import MODES
 from .page_html import PAGE_HEADERS, Hit, PageState, View, login_html, page_html, status_text
 from .page_index import LibraryIndex, NotServable
@@ -194,8 +195,8 @@ def parse_view(params) -> View:
     view = View(params.get("folder") or "", params.get("from") or "", params.get("to") or "", corrected)
     try:
         view.filters()
-    except ValueError as e:
-        raise APIError(400, str(e), str(e).split("'")[1] if "'" in str(e) else None) from None
+    except FilterError as e:
+        raise APIError(400, str(e), e.param) from None
     return view
 
 
