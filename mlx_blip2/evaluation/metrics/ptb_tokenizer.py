@@ -9,10 +9,31 @@ it. The lowercasing happens after the Java tokenizer's bracket names are made, s
 
 from __future__ import annotations
 
+import regex
+
 from .ptb_lexer import COMPILED, NEWLINE, SKIP
 
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
                           "--", "...", ";"])
+
+
+# A plain word followed by a space: no rule makes anything else of it but these (split "can not", "gon na"...), so
+# it is taken without trying every rule (the lexer's time goes there otherwise)
+_PLAIN_WORD = regex.compile(r"[A-Za-z]+(?=[ \n]|$)")
+_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta", "lemme", "gimme"])
+_SPACE = regex.compile(r" +")
+
+
+def _longest(text: str, pos: int):
+    """(main text, output) of the rule matching the most text at ``pos`` (main part plus trailing context)."""
+    best_length, best = 0, None
+    for quick, longest, out in COMPILED:
+        if quick.match(text, pos) is None:
+            continue
+        m = longest.match(text, pos)
+        if m is not None and m.end() - pos > best_length and m.end(1) > pos:
+            best_length, best = m.end() - pos, (m.group(1), out)
+    return best
 
 
 def ptb_tokens(text: str, stop: int | None = None) -> list[str]:
@@ -20,13 +41,13 @@ def ptb_tokens(text: str, stop: int | None = None) -> list[str]:
     tokens: list[str] = []
     pos, end = 0, len(text) if stop is None else stop
     while pos < end:
-        best_length, best = 0, None
-        for quick, longest, out in COMPILED:
-            if quick.match(text, pos) is None:
-                continue
-            m = longest.match(text, pos)
-            if m is not None and m.end() - pos > best_length and m.end(1) > pos:
-                best_length, best = m.end() - pos, (m.group(1), out)
+        plain = _PLAIN_WORD.match(text, pos) or _SPACE.match(text, pos)
+        if plain is not None and plain.group(0).lower() not in _SPLIT_WORDS:
+            if plain.group(0)[0] != " ":
+                tokens.append(plain.group(0))
+            pos = plain.end()
+            continue
+        best = _longest(text, pos)
         if best is None:  # no rule covers this character: the Java tokenizer drops it
             pos += 1
             continue
