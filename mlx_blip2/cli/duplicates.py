@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from ..files import display_path
-
 
 def add_parser(sub):
     p = sub.add_parser("duplicates", help="list groups of near-duplicate photos in an index",
@@ -26,7 +24,7 @@ def add_parser(sub):
 def run(args) -> int:
     from ..photo_index import PhotoIndex, PhotoIndexError
     from ..photo_index.duplicates import find_duplicates
-    from ..files import path_fields
+    from ..files import display_path, path_fields
 
     try:
         with PhotoIndex(args.db, create=False) as db:
