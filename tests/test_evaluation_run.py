@@ -159,6 +159,18 @@ def test_vqa_run_scores_with_the_official_accuracy(tmp_path):
     assert metrics["recipe"]["prompt"] == "Question: {} Short answer:"
 
 
+def test_instructblip_runs_with_its_own_recipe(tmp_path):
+    questions, annotations = vqa_set(tmp_path, "val2014", answers=True)
+    out = tmp_path / "out"
+    assert main(["eval", "okvqa", "--questions", str(questions), "--annotations", str(annotations), "--images",
+                 str(tmp_path / "images"), "-m", str(FIXTURES / "tiny-instructblip-flan-t5"), "--out", str(out),
+                 "--limit", "2", *FAST]) == 0
+    metrics = read_json(out / "metrics.json")
+    assert metrics["recipe"]["prompt"] == "Question: {} Short Answer:"  # LAVIS's InstructBLIP VQA template
+    assert "instructblip" in metrics["recipe"]["source"]
+    assert metrics["generation"]["repetition_penalty"] == 1.5 and metrics["predicted"] == 2
+
+
 def test_test_dev_run_writes_the_submission_file(tmp_path):
     questions, _ = vqa_set(tmp_path, "test2015", answers=False)
     out = tmp_path / "out"
@@ -232,6 +244,15 @@ def test_retrieval_run_reranks_itc_candidates_with_itm(tmp_path):
     full = logits + itc
     expected = recall_at_k(full, full.T, [[2 * i, 2 * i + 1] for i in range(4)], [i // 2 for i in range(8)])
     assert runs[8]["scores"]["metrics"] == pytest.approx(expected, abs=1e-4)
+    # k_test 2: only each query's two best ITC candidates are re-scored, the rest score -100 (LAVIS)
+    i2t = np.full_like(full, -100.0)
+    for i, row in enumerate(np.argsort(-itc, axis=1, kind="stable")[:, :2]):
+        i2t[i, row] = full[i, row]
+    t2i = np.full_like(full.T, -100.0)
+    for t, row in enumerate(np.argsort(-itc.T, axis=1, kind="stable")[:, :2]):
+        t2i[t, row] = full.T[t, row]
+    expected = recall_at_k(i2t, t2i, [[2 * i, 2 * i + 1] for i in range(4)], [i // 2 for i in range(8)])
+    assert runs[2]["scores"]["metrics"] == pytest.approx(expected, abs=1e-4)
 
 
 LAUNCH = Path(__import__("sys").executable).parent / "mlx.launch"

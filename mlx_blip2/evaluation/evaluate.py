@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..library import launch
-from .recipes import recipe_for, resolve_options
+from .recipes import model_recipe, recipe_for, resolve_options
 from .report import write_outputs
 from .retrieval import run_retrieval
 from .runner import run_generation
@@ -75,9 +75,8 @@ def _image_size(pipe, requested: int | None, kind: str) -> tuple[int, bool]:
     return requested, True
 
 
-def _generate(pipe, task: str, data: TaskData, out_dir: str, overrides: dict, interpolate: bool, group, **kw):
-    recipe = recipe_for(task)
-    options = resolve_options(task, pipe.model.config.text_config.model_type, overrides)
+def _generate(pipe, recipe: dict, data: TaskData, out_dir: str, overrides: dict, interpolate: bool, group, **kw):
+    options = resolve_options(recipe, overrides)
     if interpolate:
         options = options.replace(interpolate_pos_encoding=True)
     if recipe["kind"] == "caption":
@@ -100,7 +99,7 @@ def evaluate(pipe, task: str, data: TaskData, out_dir: str, *, checkpoint: str, 
     content (None on launched ranks other than 0, which leave the scoring to rank 0). ``overrides``: generation
     options over the recipe's; ``k_test``: retrieval candidates per query (LAVIS's 128); ``java_metrics``: try
     METEOR and SPICE. A second run on the same ``out_dir`` while this one goes is refused."""
-    recipe = recipe_for(task)
+    recipe_for(task)  # an unknown task fails here, before any file is written
     data.items = limited(data.items, limit)
     if not data.items:
         raise ValueError(f"{task}: the annotations hold no items")
@@ -130,7 +129,8 @@ def _run(pipe, task: str, data: TaskData, out_dir: str, group, *, checkpoint, ad
             return None
         scores = {"metrics": metrics, "scored": len(data.items)}
         return write_outputs(out_dir, task, {**recipe, "k_test": k_test}, info, rankings, scores)
-    records, options = _generate(pipe, task, data, out_dir, overrides or {}, interpolate, group,
+    recipe = model_recipe(task, pipe)
+    records, options = _generate(pipe, recipe, data, out_dir, overrides or {}, interpolate, group,
                                  batch_size=batch_size, progress=progress)
     if group is not None and group.rank != 0:
         return None

@@ -120,14 +120,29 @@ def recipe_for(task: str) -> dict:
     return RECIPES[task]
 
 
-def generation_recipe(task: str, text_model_type: str | None) -> dict:
-    """The decoding a task's LAVIS config asks of a model whose language model is ``text_model_type``."""
-    recipe = recipe_for(task)
-    extra = recipe.get("t5_generation", {}) if text_model_type == "t5" else {}
-    return {**recipe.get("generation", {}), **extra}
+INSTRUCTBLIP_SOURCE = ("salesforce/LAVIS lavis/projects/instructblip/ (caption_coco_*_eval_test.yaml, "
+                       "qa_okvqa_*_eval.yaml), as mlx_blip2.generation.recipes holds them")
 
 
-def resolve_options(task: str, text_model_type: str | None, overrides: dict | None = None):
-    """GenerationOptions of ``task`` for the model, with ``overrides`` (the command line's) applied; an error names
+def model_recipe(task: str, pipe) -> dict:
+    """The task's recipe for this pipeline's model: LAVIS's BLIP-2 eval config, with the Flan-T5 VQA length penalty
+    for T5 models; an InstructBLIP model takes InstructBLIP's own prompts and settings (the pipeline's)."""
+    recipe = dict(recipe_for(task))
+    if recipe["kind"] == "retrieval":
+        return recipe
+    if getattr(pipe, "caption_instruction", None) is not None:  # InstructBLIP
+        caption = recipe["kind"] == "caption"
+        recipe.update(source=INSTRUCTBLIP_SOURCE, prompt=None if caption else pipe.vqa_template,
+                      generation=dict(pipe.caption_defaults if caption else pipe.vqa_defaults))
+        recipe.pop("t5_generation", None)
+        return recipe
+    if pipe.model.config.text_config.model_type == "t5":
+        recipe["generation"] = {**recipe["generation"], **recipe.get("t5_generation", {})}
+    recipe.pop("t5_generation", None)
+    return recipe
+
+
+def resolve_options(recipe: dict, overrides: dict | None = None):
+    """GenerationOptions of a :func:`model_recipe` with ``overrides`` (the command line's) applied; an error names
     the option by its flag."""
-    return resolve_recipe(generation_recipe(task, text_model_type), overrides, names=OPTION_FLAGS)
+    return resolve_recipe(recipe["generation"], overrides, names=OPTION_FLAGS)
