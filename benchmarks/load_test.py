@@ -52,7 +52,7 @@ def payload(endpoint: str, image: str, i: int, options: dict) -> tuple[str, dict
         return "/v1/ask", {"image": image, "question": questions[i % len(questions)], **options}
     content = [{"type": "text", "text": questions[i % len(questions)]},
                {"type": "image_url", "image_url": {"url": image}}]
-    return "/v1/chat/completions", {"model": "blip2", "messages": [{"role": "user", "content": content}], **options}
+    return "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], **options}
 
 
 def run_level(url: str, clients: int, total: int, endpoint: str, images: list[str], options: dict,

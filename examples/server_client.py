@@ -71,7 +71,8 @@ def run():
     data_url = "data:image/png;base64," + base64.b64encode(image).decode()
     health = call("/health")
     print("health:", health)
-    print("models:", [m["id"] for m in call("/v1/models")["data"]])
+    models = [m["id"] for m in call("/v1/models")["data"]]
+    print("models:", models)
     if health["task"] == "retrieval":
         texts = ["a smooth colour gradient", "a photo of a cat"]
         print("match (ITM):", call("/v1/match", {"image": data_url, "texts": texts})["scores"])
@@ -85,7 +86,7 @@ def run():
     print("caption (prompt, greedy):",
           call("/v1/caption", {"image": data_url, "prompt": "a photo of", "num_beams": 1})["caption"])
     print("ask:", call("/v1/ask", {"image": data_url, "question": ["what is it?", "what colour is it?"]})["answers"])
-    chat = {"model": "blip2", "max_tokens": 20, "messages": [{"role": "user", "content": [
+    chat = {"model": models[0], "max_tokens": 20, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is in the picture?"},
         {"type": "image_url", "image_url": {"url": data_url}}]}]}
     reply = call("/v1/chat/completions", chat)
