@@ -148,6 +148,8 @@ def test_correct_a_caption_with_the_keyboard(browser, page_server):
     field = browser.switch_to.active_element
     assert field.get_attribute("class") == "edit-input"
     assert field.get_attribute("value") == "an orange sunset over purple hills"
+    assert browser.execute_script(  # the editor takes the caption's place
+        "return getComputedStyle(document.activeElement.closest('.hit').querySelector('.caption')).display") == "none"
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(CORRECTION, Keys.ENTER)
     wait(browser, lambda: status_of(browser) == "caption saved", what="the correction to be saved")
