@@ -36,6 +36,17 @@ def test_help_and_usage_errors_import_only_what_they_use(argv):
         assert not any(m.startswith("mlx_blip2.cli.") for m in loaded), sorted(loaded)
 
 
+@pytest.mark.parametrize("argv", [["caption", "--help"], ["caption", "--temperature", "hot", "x.png"],
+                                  ["index", "--help"], ["search", "--help"]])
+def test_library_commands_answer_help_without_model_code(argv):
+    """The library commands still read their option tables through PIL/numpy-importing modules, but never load
+    MLX, torch or the model code for a help text or a usage error."""
+    loaded = set(modules_after(argv))
+    model_code = {"mlx.core", "torch", "transformers", "mlx_lm", "mlx_blip2.pipelines", "mlx_blip2.models",
+                  "fastapi"}
+    assert not loaded & model_code, sorted(loaded & model_code)
+
+
 def test_the_summaries_are_each_modules_own(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..files import ImageFile, display_path, find_images, utf8_text
-from ..pipelines.engine import Row
 from ..generation.options import OPTION_FLAGS, GenerationOptions
 from ..generation.recipes import CAPTION_DEFAULTS, resolve_recipe
 from .manifest import read_manifest
@@ -56,6 +55,8 @@ class BatchCaptioner:
         return self.engine.preprocess(path)  # thread-safe
 
     def __call__(self, pixel_values: Sequence[np.ndarray]) -> list[str]:
+        from ..pipelines.engine import Row  # here: the command line's help and usage errors load no model code
+
         rows = [Row(pixel_values=p, prompt=self.prompt) for p in pixel_values]
         return [completions[0].text for completions in self.engine.generate(rows, self.options)]
 
