@@ -13,8 +13,8 @@ from mlx_blip2.cli import COMMANDS, build_parser, main
 
 # Loaded by a subcommand's work, never by its --help: MLX, the web stack, the library machinery, torch, PIL, numpy.
 HEAVY = ("mlx.core", "fastapi", "uvicorn", "torch", "transformers", "mlx_lm", "mlx_blip2.library",
-         "mlx_blip2.library.distributed", "mlx_blip2.pipelines", "mlx_blip2.models", "mlx_blip2.server.app", "PIL.Image",
-         "numpy")
+         "mlx_blip2.library.distributed", "mlx_blip2.pipelines", "mlx_blip2.models", "mlx_blip2.server.app",
+         "PIL.Image", "numpy")
 
 
 def modules_after(argv: list[str]) -> list[str]:

@@ -20,8 +20,8 @@ ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.
 PREFIX = "/docs/assets/"
 MISSING = """<!doctype html><meta charset="utf-8"><title>mlx-blip2 API docs</title>
 <p>The interactive API docs need the <code>fastapi-offline</code> package, which holds Swagger UI's files for this
-machine to serve: <code>pip install fastapi-offline</code> (or <code>pip install 'mlx-blip2[server]'</code>), then restart
-the server.</p><p>The API description itself is at <a href="/openapi.json">/openapi.json</a>.</p>"""
+machine to serve: <code>pip install fastapi-offline</code> (or <code>pip install 'mlx-blip2[server]'</code>), then
+restart the server.</p><p>The API description itself is at <a href="/openapi.json">/openapi.json</a>.</p>"""
 
 
 def swagger_folder() -> str | None:
