@@ -1,8 +1,7 @@
 """BLIP-2 in MLX: captioning, visual question answering and retrieval, numerically faithful to transformers."""
 
-import importlib
-
 from . import _blas
+from ._exports import lazy_exports
 
 _blas.preload()  # must run before mlx.core is first imported
 
@@ -38,14 +37,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_blip2' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

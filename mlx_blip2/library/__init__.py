@@ -19,60 +19,24 @@ The data flow, one module per step:
   and the part files' names.
 """
 
-import importlib
+from .._exports import lazy_exports
 
 # The public names, imported on first use: the photo index reads records and sidecars through this package
 # without loading the captioning run (the engine, mlx-lm, transformers).
-_EXPORTS = {
-    "atomic_write": "atomic",
-    "ALL_FORMATS": "job",
-    "CaptionJob": "job",
-    "caption": "job",
-    "caption_paths": "job",
-    "read_manifest": "manifest",
-    "leftover_parts": "parts",
-    "merge_parts": "parts",
-    "part_path": "parts",
-    "Progress": "progress",
-    "Summary": "progress",
-    "format_duration": "progress",
-    "CSV_COLUMNS": "records",
-    "RecordWriter": "records",
-    "record_path": "records",
-    "BatchCaptioner": "run",
-    "DEFAULT_BATCH_SIZE": "run",
-    "FORMATS": "run",
-    "caption_files": "run",
-    "caption_options": "run",
-    "parse_shard": "shards",
-    "select_shard": "shards",
-    "shard_index": "shards",
-    "SidecarWriter": "sidecars",
-    "XMP_NAMES": "sidecars",
-    "sidecar_conflicts": "sidecars",
-    "txt_sidecar": "sidecars",
-    "xmp_sidecar": "sidecars",
-    "FAIL": "writer",
-    "PlainWriter": "writer",
-    "SKIP": "writer",
-    "TODO": "writer",
-    "UsageError": "writer",
-    "Writer": "writer",
-    "XmpError": "xmp",
-    "update_xmp": "xmp",
-    "xml_text": "xmp",
-    "xmp_description": "xmp",
+_NAMES = {  # submodule: the public names it holds
+    "atomic": "atomic_write",
+    "job": "ALL_FORMATS CaptionJob caption caption_paths",
+    "manifest": "read_manifest",
+    "parts": "leftover_parts merge_parts part_path",
+    "progress": "Progress Summary format_duration",
+    "records": "CSV_COLUMNS RecordWriter record_path",
+    "run": "BatchCaptioner DEFAULT_BATCH_SIZE FORMATS caption_files caption_options",
+    "shards": "parse_shard select_shard shard_index",
+    "sidecars": "SidecarWriter XMP_NAMES sidecar_conflicts txt_sidecar xmp_sidecar",
+    "writer": "FAIL PlainWriter SKIP TODO UsageError Writer",
+    "xmp": "XmpError update_xmp xml_text xmp_description",
 }
+_EXPORTS = {name: module for module, names in _NAMES.items() for name in names.split()}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
