@@ -43,33 +43,32 @@ def add_parser(sub):
 
 def _score(args) -> int:
     from ..evaluation.report import markdown, write_json
-    from ..library.atomic import atomic_write
     from ..evaluation.scoring import read_predictions, score_task
     from ..evaluation.tasks.captions import read_captions
     from ..evaluation.tasks.data import TaskData
     from ..evaluation.tasks.questions import read_gqa, read_vqa_annotations
+    from ..library.atomic import atomic_write
 
     kind, *more = args.score_task or [None]
     files = more + args.files
     if kind not in SCORE_KINDS or len(files) != 2:
         raise ValueError("eval score needs --task {caption,vqa,gqa} PREDICTIONS.json ANNOTATIONS.json")
-    args.score_kind = kind
     predictions_path, annotations = files
-    if args.score_kind == "caption":
+    if kind == "caption":
         data = read_captions(annotations, args.images or "")
-    elif args.score_kind == "vqa":
+    elif kind == "vqa":
         data = TaskData("vqa", [], references=read_vqa_annotations(annotations))
     else:
         data = read_gqa(annotations, args.images or "")
-    scores = score_task(data, read_predictions(predictions_path, args.score_kind), not args.no_java_metrics)
+    scores = score_task(data, read_predictions(predictions_path, kind), not args.no_java_metrics)
     print(json.dumps(scores, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         recipe = {"published": []}
-        write_json(os.path.join(args.out, "metrics.json"), {"task": args.score_kind, "predictions": predictions_path,
+        write_json(os.path.join(args.out, "metrics.json"), {"task": kind, "predictions": predictions_path,
                                                              "annotations": annotations, "scores": scores})
         atomic_write(os.path.join(args.out, "report.md"),
-                     markdown(args.score_kind, recipe, {"predictions": predictions_path}, scores).encode("utf-8"))
+                     markdown(kind, recipe, {"predictions": predictions_path}, scores).encode("utf-8"))
     return 0
 
 
