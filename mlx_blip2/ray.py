@@ -118,10 +118,10 @@ class ImageEmbedder(_Actor):
 
     def __init__(self, model: str, column: str = "image", pooled: bool = False, dtype: str | None = None,
                  workers: int | None = None):
-        from .photo_index import load_engine
+        from .photo_index import load_embedder
 
         super().__init__(column, workers)
-        self.pipe = load_engine(model, dtype=_dtype(dtype))  # the retrieval pipeline's vision half
+        self.pipe = load_embedder(model, dtype=_dtype(dtype))  # the retrieval pipeline's vision half
         self.pooled = pooled
         config = self.pipe.model.config
         self.shape = (config.image_text_hidden_size,) if pooled else \

@@ -23,7 +23,7 @@ from mlx_blip2.photo_index import (
     half_to_float,
     index_paths,
     itc_scores,
-    load_engine,
+    load_embedder,
     search,
     top_k,
 )
@@ -137,7 +137,7 @@ def test_incremental_updates(library, tmp_path, pipe):
         def no_model(_):
             raise AssertionError("the model must not be loaded when nothing changed")
 
-        report = index_paths(db, [library], recursive=True, progress=False, engine_factory=no_model)
+        report = index_paths(db, [library], recursive=True, progress=False, embedder_factory=no_model)
         assert (report.added, report.updated, report.unchanged, report.removed) == (0, 0, 5, 0)
         assert [os.path.basename(p) for p, _ in report.still_failed] == ["bad.jpg"]
 
@@ -179,7 +179,7 @@ def test_moves_and_renames_are_not_re_embedded(library, tmp_path):
         def no_model(_):
             raise AssertionError("a moved file must not be re-embedded")
 
-        report = index_paths(db, [library], recursive=True, progress=False, engine_factory=no_model)
+        report = index_paths(db, [library], recursive=True, progress=False, embedder_factory=no_model)
         assert (report.moved, report.added, report.removed, report.unchanged) == (1, 0, 0, 4)
         assert db.embedding(str(library / "a.png")) is None
         np.testing.assert_array_equal(db.embedding(str(library / "sub" / "renamed.png")), before)
@@ -366,11 +366,11 @@ def test_a_killed_run_keeps_finished_batches(library, tmp_path):
             return super().embed_images(images, preprocessed)
 
     def crashing(model):
-        engine = load_engine(model)
+        engine = load_embedder(model)
         return Crashing(engine.model, engine.processor)
 
     with PhotoIndex(db_path) as db, pytest.raises(KeyboardInterrupt):
-        index_paths(db, [library], model=str(TINY), batch_size=1, progress=False, engine_factory=crashing)
+        index_paths(db, [library], model=str(TINY), batch_size=1, progress=False, embedder_factory=crashing)
     with sqlite3.connect(db_path) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

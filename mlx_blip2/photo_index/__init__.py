@@ -22,7 +22,7 @@ from .indexer import (
     IndexReport,
     check_retrieval_checkpoint,
     index_paths,
-    load_engine,
+    load_embedder,
     model_id,
 )
 from .search import SearchResult, half_to_float, itc_scores, search, top_k
@@ -30,6 +30,6 @@ from .store import SCHEMA_VERSION, Entry, Matrix, Move, PhotoIndex, PhotoIndexEr
 
 __all__ = [
     "SCHEMA_VERSION", "Entry", "IndexReport", "Matrix", "Move", "PhotoIndex", "PhotoIndexError", "SearchResult",
-    "check_retrieval_checkpoint", "half_to_float", "index_paths", "itc_scores", "load_engine", "model_id", "search",
+    "check_retrieval_checkpoint", "half_to_float", "index_paths", "itc_scores", "load_embedder", "model_id", "search",
     "top_k",
 ]

@@ -63,7 +63,7 @@ def check_retrieval_checkpoint(model: str, command: str = "index") -> Path:
     return directory
 
 
-def load_engine(model: str, dtype=None):
+def load_embedder(model: str, dtype=None):
     """The vision half of a retrieval checkpoint (no text weights read): ``preprocess`` and ``embed_images``."""
     from ..pipelines.retrieval import Blip2RetrievalPipeline
 
@@ -78,10 +78,10 @@ def file_hash(path: str) -> bytes:
     return h.digest()
 
 
-def _load_one(engine, path: str):
+def _load_one(embedder, path: str):
     """(pixels, sha256, error): error is FileNotFoundError for a file that vanished, else a reason or None."""
     try:
-        return engine.preprocess(path), file_hash(path), None
+        return embedder.preprocess(path), file_hash(path), None
     except FileNotFoundError:
         return None, None, FileNotFoundError
     except Exception as e:  # noqa: BLE001  any decoder failure makes the file "bad", never the run
@@ -119,11 +119,11 @@ def _find_moves(db: PhotoIndex, removed: list[str], todo: list) -> list[Move]:
 
 def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str | None = None,
                 recursive: bool = False, batch_size: int = 8, dtype=None, progress: bool | None = None,
-                engine_factory: Callable[[str], object] | None = None) -> IndexReport:
+                embedder_factory: Callable[[str], object] | None = None) -> IndexReport:
     """Bring the index up to date with ``paths``: embed new and changed images, move moved ones, drop deleted ones.
 
     ``model`` defaults to the one the index was built with (or Salesforce/blip2-itm-vit-g for a new index). The
-    model is only loaded (``engine_factory(model)``, default :func:`load_engine`) when some file needs embedding.
+    model is only loaded (``embedder_factory(model)``, default :func:`load_embedder`) when some file needs embedding.
     ``progress`` None means a bar on stderr if it is a terminal.
     """
     from ..models.retrieval import DEFAULT_RETRIEVAL_MODEL
@@ -156,10 +156,10 @@ def index_paths(db: PhotoIndex, paths: Sequence[str | os.PathLike], model: str |
         db.write_batch(removed=removed, moved=moves)
         report.removed, report.moved = len(removed), len(moves)
     if todo:
-        engine = (engine_factory or (lambda m: load_engine(m, dtype=dtype)))(model)
-        config = engine.model.config
+        embedder = (embedder_factory or (lambda m: load_embedder(m, dtype=dtype)))(model)
+        config = embedder.model.config
         db.bind_model(model, config.num_query_tokens, config.image_text_hidden_size)
-        _embed_all(db, engine, todo, batch_size, report, progress)
+        _embed_all(db, embedder, todo, batch_size, report, progress)
     refresh_from_sidecars(db, current)  # captions of photo.txt / XMP sidecars that changed, into the caption index
     _record_roots(db, found)
     db.compact()
@@ -176,7 +176,7 @@ def _record_roots(db: PhotoIndex, found) -> None:
         db.commit()
 
 
-def _embed_all(db: PhotoIndex, engine, todo: list, batch_size: int, report: IndexReport,
+def _embed_all(db: PhotoIndex, embedder, todo: list, batch_size: int, report: IndexReport,
                progress: bool | None) -> None:
     from tqdm import tqdm
 
@@ -193,7 +193,7 @@ def _embed_all(db: PhotoIndex, engine, todo: list, batch_size: int, report: Inde
                 item = next(queue, None)
                 if item is None:
                     return
-                pending.append((item, pool.submit(_load_one, engine, item[0])))
+                pending.append((item, pool.submit(_load_one, embedder, item[0])))
 
         refill()
         while pending:
@@ -212,7 +212,7 @@ def _embed_all(db: PhotoIndex, engine, todo: list, batch_size: int, report: Inde
                     good.append((path, size, mtime, existed, pixels, digest))
             entries = []
             if good:
-                embeds = engine.embed_images([g[4] for g in good], preprocessed=True)
+                embeds = embedder.embed_images([g[4] for g in good], preprocessed=True)
                 entries = [Entry(p, s, m, e, h) for (p, s, m, _, _, h), e in zip(good, embeds)]
                 report.updated += sum(1 for g in good if g[3])
                 report.added += sum(1 for g in good if not g[3])

@@ -171,7 +171,7 @@ def caption_and_index(load_captioning, job, index_job, *, group="auto", stdout=N
     from ..library.launch import current_group
     from ..models.retrieval import DEFAULT_RETRIEVAL_MODEL
     from .distributed import part_index
-    from .indexer import load_engine
+    from .indexer import load_embedder
 
     if group == "auto":
         group = current_group()
@@ -194,7 +194,7 @@ def caption_and_index(load_captioning, job, index_job, *, group="auto", stdout=N
     state: dict = {}
 
     def load():
-        pipe, retrieval, share = load_sharing(load_captioning, lambda: load_engine(model, dtype=index_job.dtype),
+        pipe, retrieval, share = load_sharing(load_captioning, lambda: load_embedder(model, dtype=index_job.dtype),
                                               log if rank == 0 else None)
         config = retrieval.model.config
         db = PhotoIndex(index_job.db if group is None else part_index(index_job.db, rank))
@@ -237,14 +237,15 @@ def _index_rest(job, index_job, model: str, retrieval) -> IndexReport:
     from ..library.manifest import read_manifest
     from .captions import import_captions, read_caption_records
     from .distributed import leftover_indexes, merge_indexes
-    from .indexer import load_engine
+    from .indexer import load_embedder
 
     paths = list(job.inputs) or [f.path for f in read_manifest(job.manifest)]
     with PhotoIndex(index_job.db) as db:
         merge_indexes(db, leftover_indexes(index_job.db))
-        factory = (lambda m: retrieval) if retrieval is not None else (lambda m: load_engine(m, dtype=index_job.dtype))
+        factory = ((lambda m: retrieval) if retrieval is not None
+                   else (lambda m: load_embedder(m, dtype=index_job.dtype)))
         report = index_paths(db, paths, model=model, recursive=job.recursive, batch_size=index_job.batch_size,
-                             progress=index_job.progress, engine_factory=factory)
+                             progress=index_job.progress, embedder_factory=factory)
         output_format = job.output_format()
         if output_format in ("jsonl", "csv") and job.output is not None and os.path.isfile(job.output):
             import_captions(db, read_caption_records(os.fspath(job.output)))
