@@ -145,15 +145,33 @@ def child_torch(checkpoint: Path, row: str, steps: int, work: Path) -> dict:
                 peak_gb=rss_peak_gb(), torch=torch.__version__, transformers=transformers.__version__)
 
 
+def rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1e6
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def run_child(framework: str, row: str, args, work: Path) -> dict:
+    """One framework and row in a fresh process; killed if its memory passes --max-rss-gb (a shared machine)."""
     checkpoint = quantized_checkpoint(args.checkpoint) if row == "qlora" else args.checkpoint
     cmd = [sys.executable, __file__, "--child", framework, row, "--checkpoint", str(checkpoint), "--steps",
            str(args.steps), "--work", str(work)]
     print(f"{framework} {row} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    highest = 0.0
+    while proc.poll() is None:
+        highest = max(highest, rss_gb(proc.pid))
+        if highest > args.max_rss_gb:
+            proc.kill()
+            proc.wait()
+            return {"error": f"stopped at {highest:.1f} GB resident (over --max-rss-gb {args.max_rss_gb})"}
+        time.sleep(0.05)
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -186,6 +204,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     p.add_argument("--rows", default="qformer,lora,qlora")
+    p.add_argument("--max-rss-gb", type=float, default=20.0, help="stop a run whose memory passes this")
     p.add_argument("--out", type=Path, default=ROOT / "results-finetune.json")
     p.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)

@@ -13,7 +13,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.adapters import block_stacks
-from ..models.quant import RowsDequantizedLinear
 
 
 def checkpoint_layer(layer: nn.Module) -> None:
@@ -72,8 +71,44 @@ def quantize_language_model(model: nn.Module, bits: int = 4, group_size: int = 6
         return ok
 
     nn.quantize(model.language_model, group_size=group_size, bits=bits, class_predicate=predicate)
-    for _, module in model.language_model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = RowsDequantizedLinear  # the CPU's fast path for several rows (models/quant.py)
     mx.eval(model.parameters())
+    return count
+
+
+class DequantizingLinear(nn.QuantizedLinear):
+    """A frozen quantized layer gradients pass through: several rows go through the weight dequantized for the call
+    (the CPU's quantized product is slow), one row through the quantized kernel. Unlike inference's
+    ``models.quant.RowsDequantizedLinear`` it never evaluates inside the call: under ``value_and_grad`` that would keep every
+    layer's dequantized weight alive until the backward pass; with the layers checkpointed, one at a time exists."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size <= x.shape[-1] or mx.default_device() != mx.cpu:
+            return nn.QuantizedLinear.__call__(self, x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        y = x @ w.T.astype(x.dtype)
+        return y + self.bias if "bias" in self else y
+
+
+class DequantizingEmbedding(nn.QuantizedEmbedding):
+    """A quantized (tied) embedding whose output-head product dequantizes for several rows, as above."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.size <= x.shape[-1] or mx.default_device() != mx.cpu:
+            return nn.QuantizedEmbedding.as_linear(self, x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        return x @ w.T.astype(x.dtype)
+
+
+def prepare_quantized_for_training(module: nn.Module) -> int:
+    """Swap the quantized layers of a back-propagated stack for the training variants above; returns how many."""
+    count = 0
+    for _, layer in module.named_modules():
+        if isinstance(layer, nn.QuantizedLinear) and not isinstance(layer, DequantizingLinear):
+            layer.__class__ = DequantizingLinear
+            count += 1
+        elif type(layer) is nn.QuantizedEmbedding:
+            layer.__class__ = DequantizingEmbedding
+            count += 1
     return count

@@ -27,7 +27,7 @@ from ..models.adapters import base_model_record
 from .checkpoints import checkpoint_dirs, load_checkpoint, save_adapter, save_checkpoint
 from .collator import Collator
 from .datasets import Example
-from .memory import checkpoint_frozen_stacks, quantize_language_model
+from .memory import checkpoint_frozen_stacks, prepare_quantized_for_training, quantize_language_model
 from .options import TrainOptions
 from .progress import Progress
 from .trainable import set_trainable, trainable_names
@@ -70,6 +70,9 @@ class Trainer:
         self._check_trainable()
         if options.grad_checkpoint:
             checkpoint_frozen_stacks(self.model, options.train)
+        prepare_quantized_for_training(self.model.language_model)  # back-propagated through, whatever trains
+        if "vit" in options.train and "qformer" not in options.train:
+            prepare_quantized_for_training(self.model.qformer)
         self.collator = Collator(pipeline, options.prompt, options.max_target_tokens, options.train_on_prompt)
         self.batches_per_epoch = math.ceil(len(train) / options.batch_size)
         self.total_steps = options.steps or max(
