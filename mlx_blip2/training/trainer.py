@@ -70,9 +70,9 @@ class Trainer:
         self._check_trainable()
         if options.grad_checkpoint:
             checkpoint_frozen_stacks(self.model, options.train)
-        prepare_quantized_for_training(self.model.language_model)  # back-propagated through, whatever trains
-        if "vit" in options.train and "qformer" not in options.train:
-            prepare_quantized_for_training(self.model.qformer)
+        # Everywhere, not only where gradients pass: an evaluation inside the traced forward pass (inference's
+        # quantized layers do one) keeps every activation before it alive until the backward pass.
+        prepare_quantized_for_training(self.model)
         self.collator = Collator(pipeline, options.prompt, options.max_target_tokens, options.train_on_prompt)
         self.batches_per_epoch = math.ceil(len(train) / options.batch_size)
         self.total_steps = options.steps or max(
