@@ -76,10 +76,10 @@ def quantize_language_model(model: nn.Module, bits: int = 4, group_size: int = 6
 
 
 class DequantizingLinear(nn.QuantizedLinear):
-    """A frozen quantized layer gradients pass through: several rows go through the weight dequantized for the call
-    (the CPU's quantized product is slow), one row through the quantized kernel. Unlike inference's
-    ``models.quant.RowsDequantizedLinear`` it never evaluates inside the call: under ``value_and_grad`` that would keep every
-    layer's dequantized weight alive until the backward pass; with the layers checkpointed, one at a time exists."""
+    """A frozen quantized layer in training: several rows go through the weight dequantized for the call (the CPU's
+    quantized product is slow), one row through the quantized kernel. Unlike inference's
+    ``models.quant.RowsDequantizedLinear`` it never evaluates inside the call: an evaluation inside a function under
+    ``value_and_grad`` keeps the graph before it, with every intermediate array, alive until the backward pass."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.size <= x.shape[-1] or mx.default_device() != mx.cpu:
