@@ -16,7 +16,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .images import is_image_path, is_raw_path
+# The extensions that select a file as an image (the formats mlx_blip2.images decodes). They live here, not beside
+# the decoder, so that finding files (and every --help) needs neither Pillow nor numpy.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif",  # JPEG
+    ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".heic", ".heif", ".hif",  # HEIF (pillow-heif)
+    ".avif",  # AVIF (Pillow >= 11.3)
+    ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2",  # RAW: the embedded preview (rawpy)
+})
+RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fsdecode(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_raw_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fsdecode(path))[1].lower() in RAW_EXTENSIONS
+
 
 DEVELOPED_EXTENSIONS = (".jpg", ".jpeg", ".heic", ".heif", ".hif")  # preferred over a RAW of the same stem
 

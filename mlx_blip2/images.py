@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, features
 
+from .files import IMAGE_EXTENSIONS, RAW_EXTENSIONS, is_image_path, is_raw_path  # noqa: F401 (public here too)
+
 try:  # HEIC/HEIF (iPhone photos) open through the pillow-heif plugin.
     from pillow_heif import register_heif_opener
 
@@ -25,16 +27,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 AVIF_SUPPORTED = bool(features.check("avif")) if "avif" in features.modules else False
 
-# The formats we decode (Pillow names), and the file extensions that select a file as an image.
+# The formats we decode (Pillow names); the file extensions that select a file live in files.py.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "HEIF", "AVIF")
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif",  # JPEG
-    ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-    ".heic", ".heif", ".hif",  # HEIF (pillow-heif)
-    ".avif",  # AVIF (Pillow >= 11.3)
-    ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2",  # RAW: the embedded preview (rawpy)
-})
-RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"})
 # LibRaw's ``flip`` as the PIL transposition that shows the preview upright.
 _RAW_FLIPS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 DEFAULT_MAX_PIXELS = 200_000_000  # a 200-megapixel decode is 600 MB of RGB; beyond that, a decompression bomb
@@ -68,14 +62,6 @@ def _bomb_pixels(e: Exception) -> int | None:
     """The pixel count in Pillow's DecompressionBombError message ("Image size (N pixels) exceeds ...")."""
     match = re.search(r"\((\d+) pixels\)", str(e))
     return int(match[1]) if match else None
-
-
-def is_image_path(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fsdecode(path))[1].lower() in IMAGE_EXTENSIONS
-
-
-def is_raw_path(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fsdecode(path))[1].lower() in RAW_EXTENSIONS
 
 
 def available_formats() -> tuple[str, ...]:

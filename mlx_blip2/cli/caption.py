@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..images import IMAGE_EXTENSIONS
+from ..files import IMAGE_EXTENSIONS
 from ..library import DEFAULT_BATCH_SIZE, XMP_NAMES, parse_shard
 from ..library.job import ALL_FORMATS, CaptionJob, caption
 from ..library.launch import current_group, is_follower
