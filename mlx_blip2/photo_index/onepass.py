@@ -42,6 +42,7 @@ class _Pending:
     mtime_ns: int
     sha256: bytes
     index_pixels: np.ndarray
+    pixels: np.ndarray  # kept alive: entries are found by id() of the captioning pixels
 
 
 class IndexSink:
@@ -84,7 +85,7 @@ class OnePassEngine(Engine):
         self.retrieval, self.sink, self.share = retrieval, sink, share
         self.same_pixels = _processor_settings(engine.processor) == _processor_settings(retrieval.processor)
         self._pending: dict[int, _Pending] = {}
-        self._paths: dict[int, str] = {}
+        self._paths: dict[int, tuple[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def preprocess(self, image) -> np.ndarray:
@@ -97,9 +98,9 @@ class OnePassEngine(Engine):
             pending = None
             if self.sink.wants(path, st.st_size, st.st_mtime_ns):
                 index_pixels = pixels if self.same_pixels else self.retrieval.preprocess(decoded)
-                pending = _Pending(path, st.st_size, st.st_mtime_ns, file_hash(path), index_pixels)
+                pending = _Pending(path, st.st_size, st.st_mtime_ns, file_hash(path), index_pixels, pixels)
             with self._lock:
-                self._paths[id(pixels)] = path
+                self._paths[id(pixels)] = (path, pixels)  # the array kept alive, so that its id stays its own
                 if pending is not None:
                     self._pending[id(pixels)] = pending
         return pixels
@@ -132,7 +133,7 @@ class OnePassEngine(Engine):
         out = super().generate(rows, options, should_stop)
         with self._lock:
             for row, completions in zip(rows, out):
-                path = self._paths.pop(id(row.pixel_values), None)
+                path, _ = self._paths.pop(id(row.pixel_values), (None, None))
                 if path is not None and completions:
                     self.sink.captions[path] = completions[0].text
         self.sink.flush()
