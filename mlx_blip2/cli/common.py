@@ -109,8 +109,6 @@ def peak_memory_text(mlx_peak_bytes: float) -> str:
 def load_pipeline(args, kind: str, command: str, default: str | None = None):
     """The checkpoint of ``--model`` (or ``default``) as a pipeline of ``kind`` ("captioning" or "retrieval");
     a checkpoint of another kind is a usage error that says which kind ``command`` needs."""
-    import mlx.core as mx
-
     from ..models.loading import resolve_checkpoint
     from ..models.registry import require_kind
     from ..pipelines import DEFAULT_MODEL, load
@@ -118,7 +116,7 @@ def load_pipeline(args, kind: str, command: str, default: str | None = None):
     model = args.model or default or DEFAULT_MODEL
     require_kind(resolve_checkpoint(model), kind, command)
     with precision_at_load(args):
-        return load(model, dtype=getattr(mx, args.dtype) if args.dtype else None,
+        return load(model, dtype=model_dtype(args),
                     adapter_path=getattr(args, "adapter", None))
 
 

@@ -73,12 +73,11 @@ def options_from_args(args):
 
 
 def run(args) -> int:
-    import mlx.core as mx
-
     from ..models.loading import resolve_checkpoint
     from ..models.registry import require_kind
     from ..pipelines import DEFAULT_MODEL
     from ..training.api import finetune
+    from .common import model_dtype
 
     options = options_from_args(args)
     model = args.model or DEFAULT_MODEL
@@ -88,7 +87,7 @@ def run(args) -> int:
         print(line, file=sys.stderr, flush=True)
 
     result = finetune(model, args.data, args.output, options, val_data=args.val, image_root=args.image_root,
-                      resume=args.resume, log=log, dtype=getattr(mx, args.dtype) if args.dtype else None)
+                      resume=args.resume, log=log, dtype=model_dtype(args))
     for error in dict.fromkeys(result.errors):
         print(f"error: {error}", file=sys.stderr)
     loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"

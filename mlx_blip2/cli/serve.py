@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..server import INSTALL_HINT, missing_server_packages
-from .common import add_adapter_arg, add_model_args, precision_at_load
+from .common import add_adapter_arg, add_model_args, model_dtype, precision_at_load
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -132,14 +132,9 @@ def run_web(args) -> int:
     if name is None:
         raise ValueError(f"'{args.db}' does not say which model built it; pass --model")
     directory = check_retrieval_checkpoint(name, "search --web")
-    dtype = None
-    if args.dtype:
-        import mlx.core as mx
-
-        dtype = getattr(mx, args.dtype)
     print(f"loading {name} (text half)...", file=sys.stderr)
     with precision_at_load(args):
-        pipeline = Blip2RetrievalPipeline.from_pretrained(directory, dtype=dtype, part="text")
+        pipeline = Blip2RetrievalPipeline.from_pretrained(directory, dtype=model_dtype(args), part="text")
     return serve_app(args, pipeline, name, args.db, query=args.query)
 
 
@@ -190,8 +185,6 @@ def run(args) -> int:
         print(f"error: `mlx-blip2 serve` needs {', '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
         return 2
     server_settings(args)  # checked before anything loads
-    import mlx.core as mx
-
     from ..photo_index import check_retrieval_checkpoint, model_id
     from ..pipelines import DEFAULT_MODEL, load
 
@@ -201,5 +194,5 @@ def run(args) -> int:
         check_retrieval_checkpoint(name, "serve --index")
     print(f"loading {name}...", file=sys.stderr)
     with precision_at_load(args):
-        pipeline = load(name, dtype=getattr(mx, args.dtype) if args.dtype else None, adapter_path=args.adapter)
+        pipeline = load(name, dtype=model_dtype(args), adapter_path=args.adapter)
     return serve_app(args, pipeline, name, args.index)
