@@ -26,16 +26,12 @@ def run_one_pass(args, job, load_captioning, report_captions, err=sys.stderr) ->
     from ..photo_index import check_retrieval_checkpoint
     from ..photo_index.job import IndexJob
     from ..photo_index.onepass import caption_and_index
+    from .common import model_dtype
 
-    dtype = None
-    if args.dtype:
-        import mlx.core as mx
-
-        dtype = getattr(mx, args.dtype)
     if args.index_model is not None:
         check_retrieval_checkpoint(args.index_model, "caption --index")  # from config.json, before any weight
     index_job = IndexJob(paths=job.inputs, db=args.index, model=args.index_model, recursive=job.recursive,
-                         batch_size=job.batch_size, dtype=dtype, progress=False if args.quiet else None)
+                         batch_size=job.batch_size, dtype=model_dtype(args), progress=False if args.quiet else None)
     result = caption_and_index(load_captioning, job, index_job, group=current_group(), log=err)
     if result.index is None:  # another rank of a launched job
         return 0
