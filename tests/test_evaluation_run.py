@@ -240,7 +240,7 @@ def test_retrieval_run_reranks_itc_candidates_with_itm(tmp_path):
     images = [str(tmp_path / "images" / f"{1000 + i}.jpg") for i in range(4)]
     texts = [t for i in range(4) for t in (f"a dog, number {i}", "a cat")]  # LAVIS's caption processing
     itc = pipe.similarity(images, texts)
-    logits = np.stack([pipe._itm_probabilities(pipe.image_features([im]), texts)[0] for im in images])
+    logits = np.stack([pipe.itm_scores(pipe.image_features([im]), texts)[0] for im in images])
     full = logits + itc
     expected = recall_at_k(full, full.T, [[2 * i, 2 * i + 1] for i in range(4)], [i // 2 for i in range(8)])
     assert runs[8]["scores"]["metrics"] == pytest.approx(expected, abs=1e-4)

@@ -14,10 +14,9 @@ import os
 import numpy as np
 
 from ..library.atomic import atomic_write
-from ..library.progress import Progress
 from .metrics.retrieval import recall_at_k
 from .runner import share
-from .store import RecordAppender, merge_parts, read_records
+from .store import read_records, recording
 
 EMBEDDINGS = "itc_embeddings"
 
@@ -74,25 +73,16 @@ def score_images(pipe, images: list[str], texts: list[str], pairs: list[list[int
     """ITM match logits of each image with its texts, one record per image: ``{"key", "texts", "itm"}``."""
     done = read_records(out_dir)
     todo = share([i for i in range(len(images)) if "itm" not in done.get(str(i), {})], group)
-    appender = RecordAppender(out_dir, None if group is None else group.rank)
-    bar = Progress(len(todo), enabled=progress)
-    try:
+    with recording(out_dir, group, len(todo), progress) as (appender, bar):
         for n, i in enumerate(todo, start=1):
             try:
                 features = pipe.image_features([images[i]])
-                logits, _ = pipe._itm_probabilities(features, [texts[t] for t in pairs[i]])
+                logits, _ = pipe.itm_scores(features, [texts[t] for t in pairs[i]])
                 record = {"key": str(i), "texts": pairs[i], "itm": [float(x) for x in logits]}
             except Exception as e:  # noqa: BLE001 - recorded and retried by the next run
                 record = {"key": str(i), "error": f"{type(e).__name__}: {e}"}
             appender.write([record])
             bar.update(n)
-    finally:
-        appender.close()
-        bar.close()
-    if group is not None:
-        group.barrier()
-        if group.rank == 0:
-            merge_parts(out_dir)
     return read_records(out_dir)
 
 

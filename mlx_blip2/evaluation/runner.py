@@ -7,9 +7,8 @@ read gets an error record and the run goes on.
 
 from __future__ import annotations
 
-from ..library.progress import Progress
 from ..pipelines.engine import Row
-from .store import RecordAppender, merge_parts, read_records
+from .store import read_records, recording
 from .tasks.data import Item
 
 
@@ -45,10 +44,8 @@ def run_generation(engine, items: list[Item], prompt_for, options, out_dir: str,
     """Generate for every item not yet recorded; returns all records (on rank 0 of a launched job, after the
     merge; other ranks get their view of the shared files). ``prompt_for(item)`` gives each row's prompt."""
     todo = share(pending(items, out_dir), group)
-    appender = RecordAppender(out_dir, None if group is None else group.rank)
-    bar = Progress(len(todo), enabled=progress)
     done = failed = 0
-    try:
+    with recording(out_dir, group, len(todo), progress) as (appender, bar):
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             try:
@@ -59,11 +56,4 @@ def run_generation(engine, items: list[Item], prompt_for, options, out_dir: str,
             done += len(records)
             failed += sum(1 for r in records if "error" in r)
             bar.update(done, failed)
-    finally:
-        appender.close()
-        bar.close()
-    if group is not None:
-        group.barrier()
-        if group.rank == 0:
-            merge_parts(out_dir)
     return read_records(out_dir)

@@ -8,11 +8,13 @@ left, the newest line per key winning and a torn last line (a kill mid-write) dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 from ..library import launch
 from ..library.atomic import fsync_dir
+from ..library.progress import Progress
 
 RECORDS = "records.jsonl"
 PART_SUFFIX = ".jsonl"
@@ -90,3 +92,20 @@ def merge_parts(out_dir: str) -> None:
     for part in parts:
         os.unlink(part)
     fsync_dir(out_dir)
+
+
+@contextlib.contextmanager
+def recording(out_dir: str, group, total: int, progress: bool | None):
+    """This process's appender and progress bar for ``total`` items. On a normal exit, under mlx.launch, every rank
+    is waited for and rank 0 merges the parts; after an error the parts stay for the next run to read."""
+    appender = RecordAppender(out_dir, None if group is None else group.rank)
+    bar = Progress(total, enabled=progress)
+    try:
+        yield appender, bar
+    finally:
+        appender.close()
+        bar.close()
+    if group is not None:
+        group.barrier()
+        if group.rank == 0:
+            merge_parts(out_dir)

@@ -148,7 +148,7 @@ class Blip2RetrievalPipeline:
         image_embeds, text_embeds = self.embed_images(list(images)), self.embed_texts(texts)
         return (image_embeds @ text_embeds.T).max(axis=1)
 
-    def _itm_probabilities(self, image_features: mx.array, texts: list[str], chunk: int = 32):
+    def itm_scores(self, image_features: mx.array, texts: list[str], chunk: int = 32):
         """ITM "match" logits and probabilities for features (1 or len(texts), P, C) against texts."""
         self._need("itm_logits", "ITM scores")
         logits = []
@@ -167,7 +167,7 @@ class Blip2RetrievalPipeline:
         batch = [texts] if single else list(texts)
         if not batch:
             raise ValueError("got an empty list of texts")
-        _, probs = self._itm_probabilities(self.image_features([image]), batch)
+        _, probs = self.itm_scores(self.image_features([image]), batch)
         return float(probs[0]) if single else probs
 
     def rerank(self, query: str, images, itc: Sequence[float]) -> list[RankedImage]:
@@ -176,7 +176,7 @@ class Blip2RetrievalPipeline:
         results = []
         for i in range(0, len(images), self.batch_size):
             feats = self.image_features(images[i:i + self.batch_size])
-            logit, prob = self._itm_probabilities(feats, [query] * feats.shape[0])
+            logit, prob = self.itm_scores(feats, [query] * feats.shape[0])
             for j in range(feats.shape[0]):
                 s = float(itc[i + j])
                 results.append(RankedImage(i + j, float(logit[j]) + s, s, float(prob[j]), float(logit[j])))
