@@ -142,3 +142,17 @@ def test_t5_rows_feed_prompt_to_encoder_and_target_to_labels(pipelines, tmp_path
     assert tok.decode(batch["labels"][0][batch["labels"][0] != -100], skip_special_tokens=True) == "a red square"
     prompt = pipe.processor.encode_text(["a photo of"], padding=False, return_tensors=None)["input_ids"][0]
     assert batch["input_ids"][0][:len(prompt)].tolist() == list(prompt)
+
+
+def test_the_pages_corrections_file_gives_the_latest_correction_of_each_image(tmp_path):
+    from mlx_blip2.photo_index.corrections import append_correction, corrections_path, correction_record
+
+    a, b = image(tmp_path / "a.jpg"), image(tmp_path / "b.jpg", (0, 90, 0))
+    file = corrections_path(tmp_path / "library.sqlite")
+    for path, caption, previous in [(a, "rex on the beach", "a dog"), (b, "the green door", None),
+                                    (a, "Rex on Brighton beach", "rex on the beach")]:
+        append_correction(file, correction_record(path, caption, previous, [], 1))
+    with open(file, "ab") as f:
+        f.write(b'{"path": "torn')  # a crash mid-append
+    got = read_examples(str(file))
+    assert sorted((e.image, e.target) for e in got) == [(a, "Rex on Brighton beach"), (b, "the green door")]

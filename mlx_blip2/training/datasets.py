@@ -6,7 +6,8 @@
   (``caption`` or ``text``) or a question and its answer (``question``, ``answer`` or a list ``answers``: the most
   frequent), relative paths read from ``image_root`` or the table's folder;
 - COCO-style caption annotations: a JSON object with ``images`` (``id``, ``file_name``) and ``annotations``
-  (``image_id``, ``caption``), one example per annotation, images under ``image_root`` (default: the JSON's folder).
+  (``image_id``, ``caption``), one example per annotation, images under ``image_root`` (default: the JSON's folder);
+- the search page's corrections file (``library.sqlite.corrections.jsonl``): the latest correction of each image.
 
 A row that cannot be used becomes a one-line error naming the file and line; the rest still load.
 """
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from ..files import find_images
 from ..library.sidecars import XMP_NAMES, txt_sidecar, xmp_sidecar
 from ..library.xmp import XmpError, xmp_description
+from ..photo_index.corrections import read_corrections
+
+CORRECTIONS_SUFFIX = ".corrections.jsonl"  # written beside a photo index by the search page's caption editor
 
 IMAGE_KEYS = ("image", "path", "file_name", "file")
 CAPTION_KEYS = ("caption", "text")
@@ -150,6 +154,11 @@ def coco_examples(path: str, data: dict, root: str, errors: list[str]) -> list[E
     return out
 
 
+def correction_examples(path: str) -> list[Example]:
+    """The search page's corrections file: only the latest correction of each image (a person may save twice)."""
+    return [Example(r["path"], r["caption"], where=f"{path}: {r['path']}") for r in read_corrections(path)]
+
+
 def read_examples(source: str, image_root: str | None = None, errors: list[str] | None = None) -> list[Example]:
     """Examples from a folder, a .jsonl/.json/.csv table or a COCO annotation file; problems go to ``errors``."""
     errors = [] if errors is None else errors
@@ -177,6 +186,8 @@ def read_examples(source: str, image_root: str | None = None, errors: list[str] 
             except ValueError as e:
                 errors.append(f"{source}: [{i}]: {e}")
         return out
+    if lower.endswith(CORRECTIONS_SUFFIX):
+        return correction_examples(source)
     if lower.endswith((".jsonl", ".csv")):
         return table_examples(source, root, errors)
     raise DatasetError(f"{source}: expected a folder of captioned images, a .jsonl, .csv or COCO .json file")
