@@ -6,12 +6,10 @@ Skipped where chromium, its driver, selenium or exiftool is missing, unless MLX_
 failure.
 """
 
-import http.server
 import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -23,6 +21,7 @@ import conftest  # noqa: E402,F401  (the BLAS first, as in every test)
 from test_search_page import TINY, id_of, make_library  # noqa: E402
 from test_search_page_browser import (  # noqa: E402
     REQUIRED,
+    ProbeSite,
     browser_missing,
     loaded_thumbs,
     severe_logs,
@@ -64,31 +63,6 @@ Promise.all([
   new Promise(done => { frame.onload = () => { window.results.form = "submitted"; done(); }; form.submit(); }),
 ]).then(() => { window.done = true; });
 </script></body>"""
-
-
-class ProbeSite:
-    """Another origin: a plain HTTP server answering every path with the edit probe."""
-
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                data = EDIT_PROBE.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def exiftool() -> str:
@@ -201,7 +175,7 @@ def test_filters_are_in_the_address(browser, page_server):
 def test_a_page_from_another_origin_cannot_edit(browser, page_server, site_host):
     lib = page_server.lib
     red = id_of(lib, "red-circle.png")
-    site = ProbeSite()
+    site = ProbeSite(EDIT_PROBE)
     try:
         browser.get(f"http://{site_host}:{site.port}/?" + urlencode({"target": page_server.url, "id": red}))
         end = time.monotonic() + 60

@@ -4,10 +4,12 @@ Skipped where chromium, its driver or selenium is missing, unless MLX_BLIP2_BROW
 that is a failure. ``python tests/test_search_page_browser.py docs/search-page.png`` takes the README's screenshot.
 """
 
+import http.server
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -45,6 +47,31 @@ def start_browser(profile: str, size=(1280, 900), extra_flags=()):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+class ProbeSite:
+    """Another origin for the cross-site tests: a plain HTTP server answering every path with ``page``."""
+
+    def __init__(self, page: str):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                data = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def browser_missing() -> str | None:

@@ -6,10 +6,8 @@ app given with ``cors_origins`` can use the API.
 Skipped where chromium, its driver or selenium is missing, unless MLX_BLIP2_BROWSER_TESTS=1 (then a failure).
 """
 
-import http.server
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conftest  # noqa: E402,F401  (the BLAS first, as in every test)
 from test_search_page import TINY, make_library  # noqa: E402
-from test_search_page_browser import browser_missing, start_browser  # noqa: E402
+from test_search_page_browser import ProbeSite, browser_missing, start_browser  # noqa: E402
 
 from mlx_blip2.pipelines.retrieval import load_retrieval  # noqa: E402
 from mlx_blip2.server import BackgroundServer, create_app  # noqa: E402
@@ -55,31 +53,6 @@ Promise.all([
 </script><body></body>"""
 
 
-class ProbeSite:
-    """The other origin: a plain HTTP server answering every path with the probe page."""
-
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                body = PROBE.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     missing = browser_missing()
@@ -93,7 +66,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    site = ProbeSite()
+    site = ProbeSite(PROBE)
     lib = make_library(tmp_path_factory.mktemp("door-browser"), extras=False)
     app = create_app(load_retrieval(TINY), index=lib["db"], captions=[lib["captions"]], model_name="tiny-itm",
                      cors_origins=[f"http://webapp.test:{site.port}"])
