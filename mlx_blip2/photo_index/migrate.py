@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -13,12 +14,25 @@ from .vectors import VectorWriter, open_matrix
 _CHUNK = 4096  # rows copied at a time: 64 MiB of float16 for blip2-itm-vit-g
 
 
+@contextlib.contextmanager
+def _migration(index):
+    """One transaction that ends by recording the new schema version; any error leaves the index as it was."""
+    index.begin()
+    try:
+        yield
+        index.set_meta("schema_version", str(SCHEMA_VERSION))
+        index.set_meta("migrated_at", str(time.time()))
+        index.commit()
+    except BaseException:
+        index.rollback()
+        raise
+
+
 def migrate_v1(index) -> None:
     """Schema 1 (text paths, float16 blobs in SQLite) -> 2, in one transaction: the blobs move to the matrix file
     in id order (so ties still rank in the same order), the paths become exact bytes."""
     db = index.db
-    index.begin()
-    try:
+    with _migration(index):
         shape = index.shape
         db.execute("ALTER TABLE images RENAME TO images_v1")
         create_schema(db)
@@ -47,28 +61,15 @@ def migrate_v1(index) -> None:
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         db.execute("DROP TABLE images_v1")
         index.set_meta("vectors_rows", str(next_row))
-        index.set_meta("schema_version", str(SCHEMA_VERSION))
-        index.set_meta("migrated_at", str(time.time()))
-        index.commit()
-    except BaseException:
-        index.rollback()
-        raise
     db.execute("VACUUM")  # give back the space of the blobs
 
 
 def migrate_v2(index) -> None:
     """Schema 2 -> 3, in one transaction: the ``taken`` column (filled by the next ``index`` run) and the caption
     tables (filled from sidecars by the next ``index`` run, from caption runs by ``index --captions``)."""
-    index.begin()
-    try:
+    with _migration(index):
         index.db.execute("ALTER TABLE images ADD COLUMN taken TEXT")
         create_schema(index.db)
-        index.set_meta("schema_version", str(SCHEMA_VERSION))
-        index.set_meta("migrated_at", str(time.time()))
-        index.commit()
-    except BaseException:
-        index.rollback()
-        raise
 
 
 def compact(index) -> None:
